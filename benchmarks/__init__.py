@@ -1,0 +1,1 @@
+"""Benchmarks: the paper's tables, runtime latency, training speed and preset tuning; results under runs/bench/."""

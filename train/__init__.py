@@ -1,0 +1,1 @@
+"""Training half of the pipeline: data, MobileViT and baselines, balanced sampling, checkpoints."""

@@ -1,0 +1,153 @@
+"""TrainConfig, the presets (paper / cpu / smoke) and the command line that overrides them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from train.augment import AUGMENTS
+from train.models import ARCHS
+from train.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    run_dir: str = "runs/default"
+    preset: str = ""
+    arch: str = "mobilevit_xs"
+    class_map: str = ""            # path or shipped preset name, e.g. aml_lmu_paper
+    image_size: int = 256
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"        # adamw | adam | sgd
+    schedule: str = "cosine"        # cosine | constant
+    warmup_epochs: int = 5
+    label_smoothing: float = 0.0    # the paper: plain cross-entropy
+    augment: str = "cells"          # see train.augment.AUGMENTS
+    ema_decay: float = 0.0          # 0 disables the weight EMA
+    val_fraction: float = 0.1       # the paper's 90/10
+    seed: int = 0
+    workers: int = 2                # processes decoding images into the cache
+    device: str = "auto"            # auto | cpu | cuda
+    amp: bool = True                # mixed precision on GPU (ignored on CPU)
+    channels_last: bool = True      # on GPU
+    threads: int = 0                # torch CPU threads (0: torch's default)
+    max_steps_per_epoch: int = 0    # 0: a full epoch (len(train) samples); >0 caps it (tests)
+    resume: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    plots: bool = True
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"unknown augment {self.augment!r}; valid: {', '.join(AUGMENTS)}")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: adamw, adam, sgd")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: cosine, constant")
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.data:
+            raise ValueError("no dataset given: pass --data <folder or .zip> (make train DATA=...)")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def save(self, path: Path) -> None:
+        from train.data import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Presets are small dicts of overrides on the dataclass defaults (which are the paper's).
+PRESETS: dict[str, dict] = {
+    # The paper: MobileViT-XS from scratch, 256 px, batch 128, 200 epochs, lr 1e-3. Needs a GPU.
+    "paper": dict(arch="mobilevit_xs", image_size=256, batch_size=128, epochs=200, lr=1e-3),
+    # Chosen by measurement on 2 CPU cores (see README "Choosing the cpu preset"): <= ~40 min on pbc_dev.
+    "cpu": dict(arch="mobilevit_xxs", image_size=128, batch_size=64, epochs=45, lr=2e-3, warmup_epochs=2,
+                weight_decay=0.05, ema_decay=0.998, label_smoothing=0.0),
+    # Seconds, for tests and a first try of a new dataset.
+    "smoke": dict(arch="mobilevit_xxs", image_size=64, batch_size=16, epochs=2, lr=2e-3, warmup_epochs=0,
+                  max_steps_per_epoch=4, plots=True),
+}
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description="Train a cell classifier (MobileViT by default).")
+    p.add_argument("--data", help="folder of class folders, or a .zip of one")
+    p.add_argument("--run-dir", help="output folder (default runs/default)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper (GPU), cpu (2 cores, ~40 min), smoke (seconds); "
+                   "default: paper on a GPU, cpu otherwise")
+    p.add_argument("--config", help="a config.yaml to start from (e.g. a previous run's)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue runs/<name>/last.pt")
+    # Every other field of TrainConfig can be overridden: --epochs 10 --lr 3e-3 ...
+    skip = {"data", "run_dir", "preset", "resume"}
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, type=_parse_bool, metavar="{true,false}", default=None)
+        elif f.name in ("mean", "std"):
+            p.add_argument(flag, type=float, nargs=3, default=None)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=None)
+    return p
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- --config file <- preset <- explicit flags. Logs which preset was picked and why."""
+    base: dict = {}
+    if getattr(args, "config", None):
+        base = yaml.safe_load(Path(args.config).read_text()) or {}
+    preset = args.preset or base.get("preset") or ""
+    if not preset:
+        preset = "paper" if cuda_available() else "cpu"
+        log.warning("=" * 72)
+        log.warning("NO --preset GIVEN: using '%s' because %s", preset,
+                    "a CUDA GPU is present" if preset == "paper" else "no GPU was found")
+        log.warning("=" * 72)
+    merged = {**base, **PRESETS[preset], "preset": preset}
+    for k, v in vars(args).items():
+        if v is not None and k != "config":
+            merged[k] = tuple(v) if isinstance(v, list) else v
+    valid = {f.name for f in fields(TrainConfig)}
+    unknown = set(merged) - valid
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
+    for k in ("mean", "std"):
+        if k in merged:
+            merged[k] = tuple(merged[k])
+    cfg = TrainConfig(**merged)
+    cfg.validate()
+    return cfg

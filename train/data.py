@@ -1,0 +1,326 @@
+"""Datasets on disk: reading images, class maps, stratified splits and the in-memory image cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from train.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+CLASSMAP_DIR = Path(__file__).parent / "classmaps"
+
+
+class DatasetError(ValueError):
+    """A dataset folder, zip or class map that cannot be used; the message names the path."""
+
+
+class BadImageError(ValueError):
+    """One image that cannot be decoded; carries the path and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+# ----------------------------------------------------------------------------- images
+
+def _to_uint8_rgb(arr: np.ndarray) -> np.ndarray:
+    """Any numeric HxW, HxWx1/3/4 array (8/16-bit, float) -> HxWx3 uint8."""
+    if arr.dtype == np.uint16:
+        arr = (arr >> 8).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        hi = 1.0 if a.max() <= 1.0 else (65535.0 if a.max() > 255 else 255.0)
+        arr = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] >= 3:
+        arr = arr[:, :, :3]  # drop alpha: slide scans have no meaningful transparency
+    else:
+        raise ValueError(f"unsupported array shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    """Decode any supported image into an 8-bit RGB PIL image, or raise BadImageError."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces full decode: truncated files fail here, not later
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return Image.fromarray(_to_uint8_rgb(np.asarray(im)))
+            if im.mode == "RGB":
+                return im.copy()
+            if im.mode in ("RGBA", "LA", "P", "PA"):
+                return im.convert("RGBA").convert("RGB")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # Pillow cannot read 16-bit-per-channel RGB TIFFs; tifffile can.
+        if path.suffix.lower() in (".tif", ".tiff"):
+            try:
+                import tifffile
+
+                return Image.fromarray(_to_uint8_rgb(tifffile.imread(path)))
+            except Exception as exc2:  # noqa: BLE001 - tifffile raises many types; we re-raise typed
+                raise BadImageError(path, f"cannot decode TIFF ({exc2})") from exc2
+        raise BadImageError(path, f"cannot decode image ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(path, f"image too large ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------- locating data
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cellvit-mobile"
+
+
+def resolve_dataset_root(path: Path | str) -> Path:
+    """A folder of class folders, a folder wrapping one, or a .zip of either -> the class-folder root."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"dataset not found: {path}")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DatasetError(f"{path}: not a folder or a .zip archive")
+        st = path.stat()
+        dest = _cache_dir() / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        if not (dest / ".complete").exists():
+            log.info("extracting %s -> %s", path, dest)
+            with zipfile.ZipFile(path) as zf:
+                zf.extractall(dest)
+            (dest / ".complete").write_text("ok")
+        path = dest
+    # Descend through wrapper folders (PBC_dataset_normal_DIB/, AML-Cytomorphology_LMU/, __MACOSX aside).
+    while True:
+        subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))]
+        has_images = any(f.suffix.lower() in IMAGE_EXTS for f in path.iterdir() if f.is_file())
+        if len(subdirs) == 1 and not has_images and not _images_in(subdirs[0], shallow=True):
+            path = subdirs[0]
+            continue
+        return path
+
+
+def _images_in(folder: Path, shallow: bool = False) -> list[Path]:
+    it = folder.iterdir() if shallow else folder.rglob("*")
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- class maps
+
+@dataclass
+class ClassMap:
+    """Rename, merge, select and cap classes. keep: folder -> label; rest: label for the others (or None to drop)."""
+
+    name: str = "identity"
+    keep: dict[str, str] = field(default_factory=dict)
+    rest: str | None = None
+    max_per_class: int | None = None
+
+    @classmethod
+    def load(cls, spec: str | Path | dict | None) -> "ClassMap | None":
+        """None, a dict, a path to YAML/JSON, or the name of a shipped preset (e.g. 'aml_lmu_paper')."""
+        if spec is None or spec == "":
+            return None
+        if isinstance(spec, dict):
+            data = spec
+        else:
+            p = Path(spec)
+            if not p.exists():
+                preset = CLASSMAP_DIR / f"{spec}.yaml"
+                if not preset.exists():
+                    valid = sorted(f.stem for f in CLASSMAP_DIR.glob("*.yaml"))
+                    raise DatasetError(f"class map not found: {spec} (not a file; shipped presets: {', '.join(valid)})")
+                p = preset
+            try:
+                data = yaml.safe_load(p.read_text())
+            except yaml.YAMLError as exc:
+                raise DatasetError(f"{p}: invalid YAML/JSON class map: {exc}") from exc
+            if not isinstance(data, dict) or not isinstance(data.get("keep"), dict) or not data["keep"]:
+                raise DatasetError(f"{p}: a class map needs a non-empty 'keep:' mapping of folder -> label")
+        unknown = set(data) - {"name", "keep", "rest", "max_per_class"}
+        if unknown:
+            raise DatasetError(f"class map has unknown keys {sorted(unknown)}; valid: name, keep, rest, max_per_class")
+        return cls(name=str(data.get("name", "custom")), keep={str(k): str(v) for k, v in data["keep"].items()},
+                   rest=data.get("rest"), max_per_class=data.get("max_per_class"))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "keep": dict(self.keep), "rest": self.rest, "max_per_class": self.max_per_class}
+
+    def label_for(self, folder: str) -> str | None:
+        return self.keep.get(folder, self.rest)
+
+
+# ----------------------------------------------------------------------------- scanning
+
+@dataclass
+class Samples:
+    """Every usable file of a dataset: paths relative to root, integer labels, class names in label order."""
+
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, c)}
+
+    def fingerprint(self) -> str:
+        """sha256 over (relative path, size) of every file: identifies the data a model saw."""
+        h = hashlib.sha256()
+        for rel, lab in zip(self.paths, self.labels):
+            h.update(f"{rel}\t{self.classes[lab]}\t{(self.root / rel).stat().st_size}\n".encode())
+        return h.hexdigest()
+
+
+def scan_dataset(path: Path | str, class_map: ClassMap | None = None, seed: int = 0) -> Samples:
+    """Find class folders and their images; apply the class map. Raises DatasetError with the path."""
+    root = resolve_dataset_root(path)
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
+    if not folders:
+        raise DatasetError(f"{root}: no class folders found (expected <root>/<class>/<image files>)")
+    by_folder = {d.name: _images_in(d) for d in folders}
+    if class_map is not None:
+        missing = sorted(set(class_map.keep) - set(by_folder))
+        if missing:
+            raise DatasetError(f"{root}: class map '{class_map.name}' names folders that do not exist: "
+                               f"{', '.join(missing)}; folders present: {', '.join(sorted(by_folder))}")
+    grouped: dict[str, list[str]] = {}
+    for name, files in by_folder.items():
+        label = class_map.label_for(name) if class_map else name
+        if label is None:
+            log.info("class map drops folder %s (%d images)", name, len(files))
+            continue
+        grouped.setdefault(label, []).extend(str(f.relative_to(root)) for f in files)
+    empty = sorted(k for k, v in grouped.items() if not v)
+    if empty:
+        raise DatasetError(f"{root}: class(es) with no images ({', '.join(IMAGE_EXTS)}): {', '.join(empty)}")
+    if len(grouped) < 2:
+        raise DatasetError(f"{root}: need at least 2 classes to train a classifier, found {sorted(grouped)}")
+    classes = sorted(grouped)
+    paths, labels = [], []
+    for idx, name in enumerate(classes):
+        files = sorted(grouped[name])
+        if class_map and class_map.max_per_class and len(files) > class_map.max_per_class:
+            random.Random(f"{seed}-{name}").shuffle(files)
+            files = sorted(files[: class_map.max_per_class])
+        paths += files
+        labels += [idx] * len(files)
+    return Samples(root=root, paths=paths, labels=labels, classes=classes)
+
+
+# ----------------------------------------------------------------------------- split
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic per-class split: same labels + fraction + seed -> same indices, on any machine."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    train_idx, val_idx = [], []
+    labels_arr = np.asarray(labels)
+    for c in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == c).tolist()
+        random.Random(seed * 1000003 + int(c)).shuffle(idx)
+        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val_idx += idx[:n_val]
+        train_idx += idx[n_val:]
+    return sorted(train_idx), sorted(val_idx)
+
+
+def save_split(path: Path, samples: Samples, train_idx: list[int], val_idx: list[int], seed: int,
+               val_fraction: float) -> None:
+    data = {
+        "root": str(samples.root), "classes": samples.classes, "seed": seed, "val_fraction": val_fraction,
+        "fingerprint": samples.fingerprint(),
+        "train": [[samples.paths[i], samples.classes[samples.labels[i]]] for i in train_idx],
+        "val": [[samples.paths[i], samples.classes[samples.labels[i]]] for i in val_idx],
+    }
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def load_split_samples(path: Path, part: str, root: Path | str | None = None) -> Samples:
+    """The 'train' or 'val' half of a saved split.json, as Samples (root overridable if data moved)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise DatasetError(f"split file not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    classes = data["classes"]
+    rows = data[part]
+    base = Path(root) if root else Path(data["root"])
+    if not base.exists():
+        raise DatasetError(f"{path}: dataset root {base} no longer exists; pass the data folder explicitly")
+    return Samples(root=base, paths=[r[0] for r in rows], labels=[classes.index(r[1]) for r in rows], classes=classes)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def _decode_one(args: tuple[str, dict]) -> tuple[np.ndarray | None, str | None]:
+    path, prep = args
+    try:
+        img = Preprocessing.from_dict(prep).apply(load_rgb(path))
+        return np.asarray(img, dtype=np.uint8), None
+    except BadImageError as exc:
+        return None, exc.reason
+
+
+@dataclass
+class ImageCache:
+    """Decoded, preprocessed images held in RAM: [N, S, S, 3] uint8, plus labels and what was skipped.
+
+    Decoding a 360 px JPEG costs more than a training step of a small model on 2 cores, so every
+    image is decoded and resized exactly once (the deploy-time transform), and augmentation runs
+    on batches of tensors.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    skipped: list[tuple[str, str]]
+
+    @classmethod
+    def build(cls, samples: Samples, prep: Preprocessing, workers: int = 2) -> "ImageCache":
+        jobs = [(str(samples.root / p), prep.to_dict()) for p in samples.paths]
+        if workers > 1 and len(jobs) > 64:
+            with ProcessPoolExecutor(max_workers=workers) as ex:
+                results = list(ex.map(_decode_one, jobs, chunksize=64))
+        else:
+            results = [_decode_one(j) for j in jobs]
+        keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
+        skipped = [(jobs[i][0], results[i][1]) for i in range(len(jobs)) if results[i][0] is None]
+        for p, why in skipped:
+            log.warning("skipped unreadable image %s: %s", p, why)
+        if skipped:
+            log.warning("%d of %d images skipped as unreadable (listed above)", len(skipped), len(jobs))
+        if not keep:
+            raise DatasetError(f"{samples.root}: none of the {len(jobs)} images could be decoded")
+        s = prep.input_size
+        images = np.stack([results[i][0] for i in keep]) if keep else np.zeros((0, s, s, 3), np.uint8)
+        return cls(images=images, labels=np.asarray([samples.labels[i] for i in keep], dtype=np.int64),
+                   paths=[samples.paths[i] for i in keep], classes=list(samples.classes), skipped=skipped)
+
+    def __len__(self) -> int:
+        return len(self.labels)
