@@ -65,6 +65,9 @@ def pick_device(cfg: TrainConfig, dist: Dist) -> torch.device:
 def setup_logging(run_dir: Path | None, main: bool = True) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    # coremltools logs every graph pass at INFO; keep our logs readable
+    for noisy in ("coremltools", "torch._export", "torch.onnx", "onnxscript", "executorch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_cellvit", False) for h in root.handlers):
         h = logging.StreamHandler(sys.stderr)
@@ -212,9 +215,7 @@ def fit(cfg: TrainConfig) -> dict:
     log.info("%s: %.2fM parameters, %d classes", cfg.arch, count_params(model) / 1e6, len(classes))
     ema = None
     if cfg.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema = ModelEma(model, cfg.ema_decay)
     train_model = model
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
@@ -284,7 +285,7 @@ def fit(cfg: TrainConfig) -> dict:
             scaler.update()
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update(model)
             n = len(idx)
             seen += n
             loss_sum += loss.item() * n
@@ -347,6 +348,37 @@ def fit(cfg: TrainConfig) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return best
+
+
+class ModelEma(torch.nn.Module):
+    """Exponential moving average of weights and buffers, with timm's warm-up of the decay.
+
+    decay_t = min(decay, (1 + t) / (10 + t)): early on the average follows the model closely,
+    so a short run isn't judged on weights still dominated by the random initialisation.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(model).eval()
+        self.decay = decay
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        t = float(self.updates)
+        d = min(self.decay, (1 + t) / (10 + t))
+        ema_sd = self.module.state_dict()
+        for k, v in model.state_dict().items():
+            e = ema_sd[k]
+            if v.dtype.is_floating_point:
+                e.mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                e.copy_(v)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -1,0 +1,218 @@
+"""`python -m export`: a trained run's best.pt -> every phone format + manifest.json, staged and logged."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import logging
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.manifest import NOTICE, SCHEMA_VERSION, ManifestError, sha256_of, size_of, write_manifest
+
+log = logging.getLogger("export")
+
+ALL_FORMATS = ("onnx_fp32", "onnx_int8", "xnnpack_fp32", "xnnpack_int8", "coreml_fp16", "coreml_fp32")
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str = "runs/default"
+    formats: list[str] = field(default_factory=lambda: list(ALL_FORMATS))
+    calib_images: int = 256          # training images for int8 calibration (spread over classes)
+    target_accuracy: float = 0.99    # the uncertainty threshold keeps accepted predictions at least this accurate
+    data: str = ""                   # override the dataset root recorded in split.json (data moved)
+    version: str = ""                # model version string for the manifest/app (default: run name + epoch)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description="Export runs/<name>/best.pt for phones.")
+    p.add_argument("--run-dir", required=True, help="the training run folder (holds best.pt and split.json)")
+    p.add_argument("--formats", nargs="+", default=list(ALL_FORMATS), metavar="FMT",
+                   help=f"subset of: {', '.join(ALL_FORMATS)} (default: all)")
+    p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--target-accuracy", type=float, default=0.99)
+    p.add_argument("--data", default="", help="dataset root, if it moved since training")
+    p.add_argument("--version", default="")
+    return p
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> dict:
+    """Smallest top-1 probability t with accuracy >= target among validation predictions with p >= t.
+
+    Below t the app says "uncertain, review". probs: [N, C] softmax outputs, labels: [N].
+    """
+    top = probs.max(1)
+    correct = probs.argmax(1) == labels
+    best = {"threshold": 0.99, "val_accuracy_at_or_above": float("nan"), "val_coverage": 0.0}
+    for t in np.round(np.arange(0.30, 0.995, 0.01), 2):
+        keep = top >= t
+        if keep.sum() == 0:
+            break
+        acc = correct[keep].mean()
+        if acc >= target:
+            best = {"threshold": float(t), "val_accuracy_at_or_above": float(acc), "val_coverage": float(keep.mean())}
+            break
+    below = top < best["threshold"]
+    best.update(target_accuracy=target, val_accuracy_below=float(correct[below].mean()) if below.any() else None,
+                rule="top-1 probability below threshold -> 'uncertain: review by a hematologist'")
+    return best
+
+
+def _calibration_indices(labels: np.ndarray, n: int) -> np.ndarray:
+    """An even spread over the training set, class by class (labels are sorted by class in the split)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    return np.linspace(0, len(labels) - 1, n).round().astype(int)
+
+
+def tool_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "timm", "onnx", "onnxruntime", "onnxscript", "executorch", "coremltools", "numpy", "pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    import torch
+
+    from export.exporters import EXPORTERS, ExportContext
+    from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from train.data import ImageCache, load_split_samples
+    from train.engine import predict_logits, to_tensor_nchw
+    from train.models import count_params
+
+    unknown = [f for f in cfg.formats if f not in EXPORTERS]
+    if unknown:
+        raise ValueError(f"unknown format(s) {unknown}; valid: {', '.join(EXPORTERS)}")
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir} (train first: make train RUN=<name>)")
+    ckpt_path = run_dir / "best.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    cfg_arch = ckpt.get("config", {}).get("arch", ckpt["arch"])
+    if cfg_arch != ckpt["arch"]:
+        raise CheckpointError(f"{ckpt_path}: checkpoint says arch {ckpt['arch']!r} but its config says {cfg_arch!r}")
+    model, prep, classes = model_from_checkpoint(ckpt, ckpt_path)
+    arch = ckpt["arch"]
+    log.info("[1/5] loaded %s: %s, %d classes, %d px, epoch %d", ckpt_path, arch, len(classes), prep.input_size,
+             ckpt["epoch"])
+
+    split = run_dir / "split.json"
+    train_s = load_split_samples(split, "train", cfg.data or None)
+    val_s = load_split_samples(split, "val", cfg.data or None)
+    if train_s.classes != classes:
+        raise CheckpointError(f"{split}: classes {train_s.classes} differ from the checkpoint's {classes}")
+    idx = _calibration_indices(np.asarray(train_s.labels), cfg.calib_images)
+    calib_s = dataclasses.replace(train_s, paths=[train_s.paths[i] for i in idx], labels=[train_s.labels[i] for i in idx])
+    calib = ImageCache.build(calib_s, prep)
+    calib_x = to_tensor_nchw(calib.images).float().div(255).contiguous().numpy()  # [N, 3, S, S] float32 0..1
+    val = ImageCache.build(val_s, prep)
+    log.info("[2/5] %d calibration images (training split), %d validation images", len(calib), len(val))
+
+    with torch.no_grad():
+        val_logits = predict_logits(model, to_tensor_nchw(val.images), torch.device("cpu"))
+    probs = torch.softmax(val_logits, 1).numpy()
+    unc = choose_threshold(probs, val.labels, cfg.target_accuracy)
+    log.info("[3/5] uncertainty threshold %.2f: val accuracy %.4f on the %.1f%% of images at or above it",
+             unc["threshold"], unc["val_accuracy_at_or_above"], 100 * unc["val_coverage"])
+
+    out_dir = run_dir / "export"
+    stage = run_dir / ".export-staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    version = cfg.version or f"{run_dir.name}-e{ckpt['epoch']}"
+    metadata = {"arch": arch, "classes": ",".join(classes), "version": version, "input_size": str(prep.input_size),
+                "preprocessing": prep.resize, "notice": NOTICE}
+    ctx = ExportContext(model=model, arch=arch, classes=classes, input_size=prep.input_size, calib=calib_x,
+                        out_dir=stage, metadata=metadata)
+    entries = []
+    try:
+        for i, name in enumerate(cfg.formats, 1):
+            log.info("[4/5] (%d/%d) exporting %s ...", i, len(cfg.formats), name)
+            entries.append(EXPORTERS[name](ctx))
+    except Exception:
+        # Any exporter failure fails the command; the previous export/ (if any) is left untouched.
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    wanted = {e["file"] for e in entries}
+    for e in entries:
+        p = stage / e["file"]
+        e["size_bytes"], e["sha256"] = size_of(p), sha256_of(p)
+        log.info("      %-40s %8.2f MB  sha256 %s", e["file"], e["size_bytes"] / 1e6, e["sha256"][:12])
+
+    s = prep.input_size
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "version": version,
+        "model": {"arch": arch, "params": count_params(model), "epoch": ckpt["epoch"], "run_dir": str(run_dir),
+                  "checkpoint": ckpt_path.name, "checkpoint_sha256": sha256_of(ckpt_path)},
+        "classes": classes,
+        "input": {"name": "image", "shape": [1, 3, s, s], "dtype": "float32", "layout": "NCHW",
+                  "channel_order": "RGB", "value_range": [0.0, 1.0]},
+        "preprocessing": {**prep.to_dict(), "app_steps": [
+            "decode the photo to 8-bit RGB (drop alpha, expand grayscale, 16-bit >> 8)",
+            "crop the largest centred square: side = min(w, h), left = (w - side) // 2, top = (h - side) // 2",
+            f"resize that square to {s} x {s} with Pillow's bilinear filter (Image.resize(..., box=square))",
+            "convert to float32 and divide by 255 (values 0..1); do NOT subtract mean or divide by std "
+            "(the model does it)",
+            f"lay out as NCHW [1, 3, {s}, {s}], RGB order",
+        ]},
+        "output": {"name": "logits", "shape": [1, len(classes)],
+                   "meaning": "unnormalised class scores in the order of 'classes'; softmax gives probabilities"},
+        "uncertainty": unc,
+        "metrics": {"training": {k: v for k, v in ckpt.get("metrics", {}).items() if k != "report"}, "verify": {}},
+        "dataset": {"name": Path(str(ckpt.get("config", {}).get("data", ""))).name,
+                    "fingerprint": ckpt.get("dataset_fingerprint"), "train_counts": train_s.counts(),
+                    "val_counts": val_s.counts(), "class_map": ckpt.get("class_map")},
+        "artifacts": entries,
+        "tools": tool_versions(),
+        "notice": NOTICE,
+    }
+    out_dir.mkdir(exist_ok=True)
+    for e in entries:
+        dest = out_dir / e["file"]
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        shutil.move(str(stage / e["file"]), dest)
+    shutil.rmtree(stage, ignore_errors=True)
+    # Files of formats not exported this time are stale: remove them so the folder matches the manifest.
+    for old in out_dir.glob(f"{arch}_*"):
+        if old.name not in wanted:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    path = write_manifest(manifest, out_dir)
+    log.info("[5/5] wrote %s with %d artifacts", path, len(entries))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.checkpoint import CheckpointError
+    from train.data import DatasetError
+    from train.engine import setup_logging
+
+    args = get_args_parser().parse_args(argv)
+    setup_logging(None)
+    cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, calib_images=args.calib_images,
+                       target_accuracy=args.target_accuracy, data=args.data, version=args.version)
+    try:
+        run_export(cfg)
+    except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
