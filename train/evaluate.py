@@ -1,0 +1,86 @@
+"""`python -m train.evaluate`: a checkpoint on any labelled folder (or its run's validation split) -> metrics."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("train")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("--checkpoint", help="a best.pt/last.pt (default: <run-dir>/best.pt)")
+    p.add_argument("--run-dir", help="a training run folder")
+    p.add_argument("--data", help="labelled folder or .zip with the checkpoint's classes "
+                                  "(default: the run's saved validation split)")
+    p.add_argument("--out", help="JSON report path (default: <run-dir>/eval/<data name>.json)")
+    p.add_argument("--batch-size", type=int, default=128)
+    return p
+
+
+def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_size: int = 128) -> dict:
+    import torch
+
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.data import ClassMap, DatasetError, ImageCache, load_split_samples, scan_dataset
+    from train.engine import predict_logits, to_tensor_nchw
+    from train.metrics import report
+
+    ckpt = load_checkpoint(checkpoint)
+    model, prep, classes = model_from_checkpoint(ckpt, checkpoint)
+    if data:
+        samples = scan_dataset(data, ClassMap.load(ckpt.get("class_map")))
+        unknown = sorted(set(samples.classes) - set(classes))
+        if unknown:
+            raise DatasetError(f"{data}: classes {unknown} are not classes of {checkpoint} "
+                               f"(it knows: {', '.join(classes)})")
+        missing = sorted(set(classes) - set(samples.classes))
+        if missing:
+            log.warning("%s has no images of %s: their recall is not measured", data, ", ".join(missing))
+        samples.labels = [classes.index(samples.classes[i]) for i in samples.labels]
+        samples.classes = classes
+        source = str(data)
+    else:
+        if run_dir is None:
+            raise DatasetError("give --data, or --run-dir whose split.json holds the validation images")
+        samples = load_split_samples(run_dir / "split.json", "val")
+        source = f"{run_dir}/split.json (validation split)"
+    cache = ImageCache.build(samples, prep)
+    logits = predict_logits(model, to_tensor_nchw(cache.images), torch.device("cpu"), batch=batch_size)
+    rep = report(cache.labels, logits.argmax(1).numpy(), classes)
+    rep.update(source=source, checkpoint=str(checkpoint), arch=ckpt["arch"], epoch=ckpt.get("epoch"),
+               skipped=[{"path": p, "reason": r} for p, r in cache.skipped])
+    return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.checkpoint import CheckpointError
+    from train.data import DatasetError
+    from train.engine import setup_logging
+    from train.metrics import format_report
+
+    args = get_args_parser().parse_args(argv)
+    setup_logging(None)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    ckpt = Path(args.checkpoint) if args.checkpoint else (run_dir / "best.pt" if run_dir else None)
+    if ckpt is None:
+        log.error("give --checkpoint or --run-dir")
+        return 2
+    try:
+        rep = evaluate(ckpt, args.data, run_dir, args.batch_size)
+    except (CheckpointError, DatasetError) as exc:
+        log.error("%s", exc)
+        return 2
+    name = Path(args.data).name if args.data else "val"
+    out = Path(args.out) if args.out else ckpt.parent / "eval" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rep, indent=2))
+    print(f"{rep['arch']} epoch {rep['epoch']} on {rep['source']}\n{format_report(rep)}\nreport: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
