@@ -1,0 +1,1 @@
+"""On-device benchmarks: Android over adb (android_bench.py) and the iOS steps (IOS.md)."""
