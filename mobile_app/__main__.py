@@ -1,0 +1,4 @@
+"""`python -m mobile_app [classify|run|bundle] ...`."""
+from mobile_app.cli import main
+
+raise SystemExit(main())

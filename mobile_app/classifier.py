@@ -1,0 +1,168 @@
+"""The one classification path shared by the UI and the CLI: manifest -> verified model -> prediction."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobile_app import imaging
+from mobile_app.errors import InferenceError, RuntimeUnavailableError
+from mobile_app.manifest import Artifact, Manifest, load_manifest, verify_artifact
+from mobile_app.runtimes import PLATFORM_FORMATS, Runtime, create_runtime, detect_platform
+
+log = logging.getLogger(__name__)
+
+UNCERTAIN_MESSAGE = "uncertain — review by a hematologist"
+TOP_K = 3
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """[C] logits -> [C] probabilities (float64 internally, stable)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max())
+    return (z / z.sum()).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model says about one photo."""
+
+    path: str
+    label: str  # top-1 class
+    probability: float  # top-1 probability
+    top: list[tuple[str, float]]  # top-3 (class, probability), best first
+    probabilities: list[float]  # [C], in manifest class order
+    uncertain: bool  # probability < manifest uncertainty.threshold
+    threshold: float
+    inference_ms: float  # runtime.run only
+    total_ms: float  # decode + preprocess + inference
+    image_size: tuple[int, int]  # original (width, height)
+    crop_box: tuple[float, float, float, float]  # classified square, original pixel coordinates
+    runtime: str
+    model_file: str
+    display: Any = field(default=None, repr=False, compare=False)  # small PIL RGB copy for the UI
+
+    @property
+    def message(self) -> str:
+        return UNCERTAIN_MESSAGE if self.uncertain else ""
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "probability": round(self.probability, 6),
+                "top": [[c, round(p, 6)] for c, p in self.top], "uncertain": self.uncertain,
+                "message": self.message, "threshold": self.threshold,
+                "inference_ms": round(self.inference_ms, 3), "total_ms": round(self.total_ms, 3),
+                "image_size": list(self.image_size), "crop_box": [round(v, 2) for v in self.crop_box],
+                "runtime": self.runtime, "model_file": self.model_file}
+
+
+class CellClassifier:
+    """Loads the model lazily (first use or load()), thread-safe; classify() never returns a partial result.
+
+    Model problems raise ModelError subclasses (ManifestError, ModelIntegrityError,
+    RuntimeUnavailableError); photo problems raise BadImageError.
+    """
+
+    def __init__(self, model_dir: Path | str, fmt: str | None = None, platform: str | None = None,
+                 bridge: Any = None, keep_display: bool = False):
+        self.model_dir = Path(model_dir)
+        self.fmt = fmt
+        self.platform = platform or detect_platform()
+        self._bridge = bridge
+        self._keep_display = keep_display
+        self._lock = threading.Lock()
+        self._manifest: Manifest | None = None
+        self._artifact: Artifact | None = None
+        self._runtime: Runtime | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            with self._lock:
+                if self._manifest is None:
+                    self._manifest = load_manifest(self.model_dir)
+        return self._manifest
+
+    @property
+    def artifact(self) -> Artifact | None:
+        return self._artifact
+
+    @property
+    def runtime_name(self) -> str:
+        return self._runtime.name if self._runtime is not None else ""
+
+    @property
+    def loaded(self) -> bool:
+        return self._runtime is not None
+
+    def load(self) -> Runtime:
+        """Read the manifest, check the model file's sha256, start the runtime (once).
+
+        Without an explicit format, a runtime that is not available on this device (say ONNX
+        Runtime missing from an Android build) hands over to the next format whose file is
+        present; a file that fails its sha256 check is refused outright, never skipped.
+        """
+        manifest = self.manifest
+        with self._lock:
+            if self._runtime is not None:
+                return self._runtime
+            supported = PLATFORM_FORMATS.get(self.platform, ())
+            candidates = manifest.candidates(supported, self.fmt)
+            for i, artifact in enumerate(candidates):
+                path = verify_artifact(artifact)
+                t0 = time.perf_counter()
+                try:
+                    runtime = create_runtime(artifact, path, self.platform, manifest.classes,
+                                             manifest.input_size, self._bridge)
+                except RuntimeUnavailableError as exc:
+                    if i + 1 == len(candidates):
+                        raise
+                    log.warning("%s; trying %s instead", exc, candidates[i + 1].file)
+                    continue
+                self._runtime, self._artifact = runtime, artifact
+                log.info("model %s ready on %s in %.0f ms", artifact.file, runtime.name,
+                         (time.perf_counter() - t0) * 1e3)
+                return runtime
+            raise RuntimeUnavailableError("no model could be loaded")  # unreachable: the loop returns or raises
+
+    def close(self) -> None:
+        with self._lock:
+            if self._runtime is not None:
+                self._runtime.close()
+                self._runtime = None
+
+    def probabilities(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """[1, 3, S, S] float32 in 0..1 -> ([C] probabilities, inference ms)."""
+        runtime = self.load()
+        manifest = self.manifest
+        t0 = time.perf_counter()
+        with self._lock:  # one inference at a time per session
+            out = runtime.run(x)  # [C] logits or probabilities
+        ms = (time.perf_counter() - t0) * 1e3
+        if out.shape != (len(manifest.classes),) or not np.all(np.isfinite(out)):
+            raise InferenceError(f"model returned {out.shape} values (expected {len(manifest.classes)} finite ones)")
+        probs = softmax(out) if runtime.output_kind == "logits" else out.astype(np.float32)
+        return probs, ms
+
+    def classify(self, path: Path | str) -> Prediction:
+        """Decode, crop, resize, run, softmax: one photo -> Prediction."""
+        t0 = time.perf_counter()
+        manifest = self.manifest
+        self.load()  # model errors surface before the photo is even opened
+        decoded = imaging.decode(path)
+        x = imaging.to_input(decoded, manifest.input_size)  # [1, 3, S, S] float32 in 0..1
+        probs, ms = self.probabilities(x)
+        order = np.argsort(-probs, kind="stable")
+        top = [(manifest.classes[i], float(probs[i])) for i in order[:TOP_K]]
+        label, p = top[0]
+        assert self._artifact is not None and self._runtime is not None
+        return Prediction(
+            path=str(path), label=label, probability=p, top=top, probabilities=[float(v) for v in probs],
+            uncertain=p < manifest.threshold, threshold=manifest.threshold, inference_ms=ms,
+            total_ms=(time.perf_counter() - t0) * 1e3, image_size=decoded.original_size,
+            crop_box=decoded.original_crop_box, runtime=self._runtime.name, model_file=self._artifact.file,
+            display=imaging.display_copy(decoded) if self._keep_display else None)

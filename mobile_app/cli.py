@@ -1,0 +1,147 @@
+"""Command line: `classify` (headless, the UI's own code path), `run` (the UI) and `bundle` (model -> app assets)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from mobile_app.errors import AppError, BadImageError, InferenceError, ModelError
+
+log = logging.getLogger(__name__)
+
+ASSETS_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "model"
+FORMAT_CHOICES = ("onnx", "executorch", "coreml")
+
+
+def default_model_dir() -> Path:
+    """$CELLVIT_MODEL_DIR, else the model bundled into the app (mobile_app/assets/model)."""
+    env = os.environ.get("CELLVIT_MODEL_DIR")
+    return Path(env) if env else ASSETS_MODEL_DIR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mobile_app",
+                                description="Blood / bone-marrow cell classifier (research use only).")
+    sub = p.add_subparsers(dest="command")
+
+    c = sub.add_parser("classify", help="classify photos without a window; one line per photo")
+    c.add_argument("images", nargs="+", type=Path, help="image files, or folders of images")
+    c.add_argument("--model-dir", type=Path, default=None, help="export folder with manifest.json")
+    c.add_argument("--format", choices=FORMAT_CHOICES, default=None,
+                   help="model format (default: the best one this device runs)")
+    c.add_argument("--json", action="store_true", help="print one JSON object per photo instead of text")
+
+    r = sub.add_parser("run", help="start the app window (the default)")
+    r.add_argument("--model-dir", type=Path, default=None, help="export folder with manifest.json")
+    r.add_argument("--format", choices=FORMAT_CHOICES, default=None)
+    r.add_argument("--data-dir", type=Path, default=None, help="where the differential count is kept")
+    r.add_argument("--script", type=Path, default=None, help="JSON list of UI steps to play (tests, demos)")
+    r.add_argument("--result", type=Path, default=None, help="with --script: write the outcome JSON here")
+
+    b = sub.add_parser("bundle", help="copy manifest + one verified model into the app's assets for a phone build")
+    b.add_argument("--model-dir", type=Path, required=True, help="export folder with manifest.json")
+    b.add_argument("--format", choices=FORMAT_CHOICES, default="onnx")
+    b.add_argument("--dest", type=Path, default=ASSETS_MODEL_DIR)
+    return p
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    from mobile_app.imaging import list_images
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                log.warning("%s: no images in this folder", p)
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from mobile_app.classifier import CellClassifier
+
+    clf = CellClassifier(args.model_dir or default_model_dir(), fmt=args.format)
+    try:
+        clf.load()
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    images = _expand(args.images)
+    if not images:
+        print("error: no images given", file=sys.stderr)
+        return 2
+    for path in images:
+        try:
+            pred = clf.classify(path)
+        except (BadImageError, InferenceError) as exc:
+            failed += 1
+            reason = exc.reason if isinstance(exc, BadImageError) else str(exc)
+            if args.json:
+                print(json.dumps({"path": str(path), "error": reason}), flush=True)
+            else:
+                print(f"{path}\terror: {reason}", flush=True)
+            continue
+        if args.json:
+            print(json.dumps(pred.to_dict()), flush=True)
+        else:
+            line = f"{path}\t{pred.label}\t{pred.probability:.4f}"
+            print(line + (f"\t{pred.message}" if pred.uncertain else ""), flush=True)
+    if failed:
+        print(f"{failed} of {len(images)} image(s) could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mobile_app.app import run_app
+
+    return run_app(model_dir=args.model_dir or default_model_dir(), fmt=args.format, data_dir=args.data_dir,
+                   script=args.script, result=args.result)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from mobile_app.manifest import MANIFEST_NAME, load_manifest, verify_artifact
+
+    try:
+        manifest = load_manifest(args.model_dir)
+        artifact = manifest.choose((args.format,), args.format)
+        src = verify_artifact(artifact)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dest: Path = args.dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.iterdir():  # one model per build: drop what an earlier bundle left
+        if old.name != ".gitkeep":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if src.is_dir():
+        shutil.copytree(src, dest / artifact.file)
+    else:
+        shutil.copy2(src, dest / artifact.file)
+    shutil.copy2(manifest.path, dest / MANIFEST_NAME)
+    verify_artifact(load_manifest(dest).choose((args.format,), args.format))
+    print(f"bundled {artifact.file} + {MANIFEST_NAME} into {dest}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command != "run":  # Kivy sets up logging for the UI itself
+        logging.basicConfig(level=os.environ.get("CELLVIT_LOG", "WARNING").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"classify": cmd_classify, "run": cmd_run, "bundle": cmd_bundle}
+    try:
+        return handlers[args.command](args)
+    except AppError as exc:  # anything the user can act on, never a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,598 @@
+"""Kivy App and widgets (classify, differential count, about); inference runs on a worker thread."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable, Sequence
+
+from kivy.app import App
+from kivy.clock import Clock
+from kivy.core.window import Window
+from kivy.graphics.texture import Texture
+from kivy.metrics import dp
+from kivy.properties import BooleanProperty, ListProperty, NumericProperty, ObjectProperty, StringProperty
+from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.button import Button
+from kivy.uix.image import Image as KivyImage
+from kivy.uix.popup import Popup
+from kivy.uix.screenmanager import Screen
+
+from mobile_app import __version__, imaging
+from mobile_app.classifier import UNCERTAIN_MESSAGE, CellClassifier, Prediction
+from mobile_app.errors import AppError, BadImageError, ModelError
+from mobile_app.runtimes import detect_platform
+from mobile_app.tally import TALLY_NAME, DifferentialCount, TallyError
+
+log = logging.getLogger(__name__)
+
+CHOOSER_FILTERS = [f"*{e}" for e in imaging.IMAGE_EXTS] + [f"*{e.upper()}" for e in imaging.IMAGE_EXTS]
+
+
+# ----------------------------------------------------------------------------- widgets (layout in the .kv)
+
+class PhotoView(KivyImage):
+    """The photo, with the classified square drawn on it (crop = left, top, right, bottom as fractions)."""
+
+    crop = ListProperty([0.0, 0.0, 1.0, 1.0])
+    show_crop = BooleanProperty(False)
+
+
+class ProbBar(BoxLayout):
+    """One of the top-3 rows: class name, bar, percentage."""
+
+    label = StringProperty("")
+    value = NumericProperty(0.0)  # 0..1
+
+
+class EntryRow(Button):
+    """One cell of the differential count; tap to correct its label."""
+
+    index = NumericProperty(0)
+    corrected = BooleanProperty(False)
+
+
+class TallyRow(BoxLayout):
+    name = StringProperty("")
+    count = StringProperty("")
+    percent = StringProperty("")
+
+
+class ClassifyScreen(Screen):
+    pass
+
+
+class CountScreen(Screen):
+    pass
+
+
+class AboutScreen(Screen):
+    pass
+
+
+class Root(BoxLayout):
+    pass
+
+
+class ChooserPopup(Popup):
+    """Desktop file chooser (Kivy's own; phones use the system picker through plyer)."""
+
+    multiple = BooleanProperty(False)
+    start_path = StringProperty("")
+    chosen_action = ObjectProperty(None, allownone=True)  # called with [Path, ...]
+
+    def choose(self, selection: list[str], folder: str) -> None:
+        paths = [Path(p) for p in selection] or ([Path(folder)] if self.multiple and folder else [])
+        self.dismiss()
+        if paths and self.chosen_action is not None:
+            self.chosen_action(paths)
+
+
+class CorrectionPopup(Popup):
+    """Pick the right class for one counted cell, or remove it from the count."""
+
+    index = NumericProperty(0)
+    classes = ListProperty([])
+    current = StringProperty("")
+
+    def on_classes(self, *_: Any) -> None:
+        grid = self.ids.grid
+        grid.clear_widgets()
+        for name in self.classes:
+            btn = Button(text=name, size_hint_y=None, height=dp(44), bold=name == self.current)
+            btn.bind(on_release=partial(self._pick, name))
+            grid.add_widget(btn)
+
+    def _pick(self, name: str, *_: Any) -> None:
+        self.dismiss()
+        App.get_running_app().correct_entry(self.index, name)
+
+
+class ConfirmPopup(Popup):
+    message = StringProperty("")
+    yes_action = ObjectProperty(None, allownone=True)  # called when confirmed
+
+
+# ----------------------------------------------------------------------------- app
+
+class CellClassifierApp(App):
+    """State lives in the properties below; the .kv file draws them."""
+
+    title = "Cell classifier (research use only)"
+    model_state = StringProperty("loading")  # loading | ready | error
+    model_name = StringProperty("")
+    model_error = StringProperty("")
+    status = StringProperty("Loading model…")
+    status_level = StringProperty("info")  # info | warning | error
+    pending = NumericProperty(0)  # jobs queued or running on the worker thread
+    photo_name = StringProperty("")
+    photo_texture = ObjectProperty(None, allownone=True)
+    photo_crop = ListProperty([0.0, 0.0, 1.0, 1.0])
+    result_label = StringProperty("")
+    result_probability = NumericProperty(0.0)
+    result_uncertain = BooleanProperty(False)
+    result_message = StringProperty("")
+    result_info = StringProperty("")
+    top_labels = ListProperty(["", "", ""])
+    top_values = ListProperty([0.0, 0.0, 0.0])
+    count_total = NumericProperty(0)
+    tally_rows = ListProperty([])  # RecycleView data for TallyRow
+    entry_rows = ListProperty([])  # RecycleView data for EntryRow
+    about_text = StringProperty("")
+    camera_available = BooleanProperty(False)
+    is_phone = BooleanProperty(False)
+
+    def __init__(self, model_dir: Path, fmt: str | None = None, data_dir: Path | None = None,
+                 script: Path | None = None, result_path: Path | None = None, t0: float | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self._t0 = t0 if t0 is not None else time.perf_counter()
+        self.timing: dict[str, float] = {}  # seconds since launch: window up, model ready
+        self.platform_name = detect_platform()
+        self.is_phone = self.platform_name in ("android", "ios")
+        self.classifier = CellClassifier(model_dir, fmt=fmt, platform=self.platform_name, keep_display=True)
+        self._data_dir_arg = data_dir
+        self._script_path, self._result_path = script, result_path
+        self._executor: ThreadPoolExecutor | None = None
+        self.tally: DifferentialCount | None = None
+        self.last_prediction: Prediction | None = None
+        self.exit_code = 0
+        self._last_folder = str(Path.home())
+        self._script_runner: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def build(self) -> Root:
+        return Root()
+
+    @property
+    def data_dir(self) -> Path:
+        """--data-dir, else $CELLVIT_DATA_DIR, else Kivy's per-user data folder."""
+        if self._data_dir_arg is not None:
+            return Path(self._data_dir_arg)
+        env = os.environ.get("CELLVIT_DATA_DIR")
+        return Path(env) if env else Path(self.user_data_dir)
+
+    def on_start(self) -> None:
+        self.timing["ui_started_s"] = round(time.perf_counter() - self._t0, 3)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._restore_tally()
+        self._setup_phone()
+        self.set_status("Loading model…")
+        self._submit(self.classifier.load, self._model_ready, self._model_failed)
+        if self._script_path is not None:
+            from mobile_app.scripting import ScriptRunner
+
+            self._script_runner = ScriptRunner(self, self._script_path, self._result_path)  # Clock holds weak refs
+            self._script_runner.start()
+
+    def on_stop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.tally is not None and self.tally.entries:
+            try:
+                self.tally.save()
+            except TallyError as exc:
+                log.error("%s", exc)
+        self.classifier.close()
+
+    def on_pause(self) -> bool:  # Android: keep running in the background (the count is saved anyway)
+        return True
+
+    def _setup_phone(self) -> None:
+        if not self.is_phone:
+            return
+        try:
+            from plyer import camera  # noqa: F401
+            self.camera_available = True
+        except ImportError:
+            self.camera_available = False
+        if self.platform_name == "android":
+            try:
+                from android.permissions import Permission, request_permissions
+
+                request_permissions([Permission.CAMERA, Permission.READ_EXTERNAL_STORAGE])
+            except ImportError:
+                log.warning("android.permissions unavailable: not asking for camera/storage permission")
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _submit(self, fn: Callable[..., Any], on_done: Callable[[Any], None],
+                on_error: Callable[[BaseException], None], *args: Any) -> Future | None:
+        """Run fn(*args) on the worker thread; on_done/on_error run on the Kivy main thread."""
+        if self._executor is None:
+            return None
+        self.pending += 1
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(lambda f: Clock.schedule_once(partial(self._finish, f, on_done, on_error), 0))
+        return future
+
+    def _finish(self, future: Future, on_done: Callable[[Any], None], on_error: Callable[[BaseException], None],
+                _dt: float) -> None:
+        self.pending = max(0, self.pending - 1)
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            on_done(future.result())
+            return
+        if not isinstance(exc, AppError):  # a bug: keep the app alive and say so
+            log.error("unexpected error on the worker thread", exc_info=exc)
+        on_error(exc)
+
+    # ------------------------------------------------------------------ status
+
+    def set_status(self, text: str, level: str = "info") -> None:
+        self.status, self.status_level = text, level
+        (log.warning if level != "info" else log.info)("status: %s", text)
+
+    def _model_ready(self, _runtime: Any) -> None:
+        self.timing["model_ready_s"] = round(time.perf_counter() - self._t0, 3)
+        art = self.classifier.artifact
+        self.model_state = "ready"
+        self.model_name = f"{art.file} ({self.classifier.runtime_name})" if art else ""
+        if self.tally is not None:
+            self.tally.classes = list(self.classifier.manifest.classes)
+            self._refresh_tally()
+        self.about_text = self._about()
+        if not self.pending:
+            self.set_status("Ready: open a cell photo")
+
+    def _model_failed(self, exc: BaseException) -> None:
+        self.model_state = "error"
+        self.model_error = str(exc)
+        self.about_text = self._about(error=str(exc))
+        self.set_status(f"Model problem: {exc}", "error")
+
+    # ------------------------------------------------------------------ classify one photo
+
+    def open_photo(self, path: Path | str) -> None:
+        """Classify one photo and show it (file chooser, gallery, camera and scripts all come here)."""
+        path = Path(path)
+        self.photo_name = path.name
+        self._last_folder = str(path.parent)
+        if self.model_state == "error":
+            self.set_status(f"Cannot classify {path.name}. Model problem: {self.model_error}", "error")
+            return
+        self.set_status(f"Classifying {path.name}…")
+        self._submit(self.classifier.classify, self._show_prediction, partial(self._photo_failed, path), path)
+
+    def _show_prediction(self, pred: Prediction) -> None:
+        self.last_prediction = pred
+        self._show_photo(pred)
+        self.result_label = pred.label
+        self.result_probability = pred.probability
+        self.result_uncertain = pred.uncertain
+        self.result_message = UNCERTAIN_MESSAGE if pred.uncertain else ""
+        labels = [c for c, _ in pred.top] + [""] * 3
+        values = [p for _, p in pred.top] + [0.0] * 3
+        self.top_labels, self.top_values = labels[:3], values[:3]
+        w, h = pred.image_size
+        self.result_info = (f"inference {pred.inference_ms:.1f} ms (total {pred.total_ms:.0f} ms) · "
+                            f"{pred.runtime} · {w}x{h} px")
+        if pred.uncertain:
+            self.set_status(f"{Path(pred.path).name}: {pred.label} {pred.probability:.0%} — {UNCERTAIN_MESSAGE}",
+                            "warning")
+        else:
+            self.set_status(f"{Path(pred.path).name}: {pred.label} {pred.probability:.0%}")
+
+    def _show_photo(self, pred: Prediction) -> None:
+        img = pred.display.convert("RGBA")  # [H, W, 4] uint8; 4 bytes per pixel keeps GL rows aligned
+        tex = Texture.create(size=img.size, colorfmt="rgba")
+        tex.blit_buffer(img.tobytes(), colorfmt="rgba", bufferfmt="ubyte")
+        tex.flip_vertical()
+        self.photo_texture = tex
+        w, h = pred.image_size
+        left, top, right, bottom = pred.crop_box
+        self.photo_crop = [left / w, top / h, right / w, bottom / h]
+
+    def _photo_failed(self, path: Path, exc: BaseException) -> None:
+        if isinstance(exc, ModelError):
+            self._model_failed(exc)
+            return
+        self.result_label, self.result_message, self.result_info = "", "", ""
+        self.top_labels, self.top_values = ["", "", ""], [0.0, 0.0, 0.0]
+        self.photo_texture = None
+        reason = exc.reason if isinstance(exc, BadImageError) else str(exc)
+        self.set_status(f"{path.name}: {reason}", "error")
+
+    def add_last_to_count(self) -> None:
+        pred = self.last_prediction
+        if pred is None or self.tally is None:
+            self.set_status("Classify a photo first", "warning")
+            return
+        self._add_to_tally(pred)
+
+    # ------------------------------------------------------------------ differential count
+
+    def _restore_tally(self) -> None:
+        path = self.data_dir / TALLY_NAME
+        try:
+            self.tally = DifferentialCount.restore(path)
+        except TallyError as exc:
+            self.tally = DifferentialCount([], None)  # in memory only: never overwrite what we could not read
+            self.set_status(str(exc), "error")
+        if self.tally.notice:
+            self.set_status(self.tally.notice, "warning")
+        log.info("count restored from %s: %d cells", path, len(self.tally))
+        self._refresh_tally()
+
+    def count_add(self, paths: Sequence[Path | str]) -> None:
+        """Classify photos (or every photo in folders) one after another and add each to the count."""
+        files: list[Path] = []
+        for p in map(Path, paths):
+            files += imaging.list_images(p) if p.is_dir() else [p]
+        if not files:
+            self.set_status("No photos found there", "warning")
+            return
+        if self.model_state == "error":
+            self.set_status(f"Cannot count. Model problem: {self.model_error}", "error")
+            return
+        self.set_status(f"Counting {len(files)} photo(s)…")
+        for f in files:
+            self._submit(self.classifier.classify, self._count_one, partial(self._count_failed, f), f)
+
+    def _count_one(self, pred: Prediction) -> None:
+        self._show_prediction(pred)
+        self._add_to_tally(pred)
+
+    def _count_failed(self, path: Path, exc: BaseException) -> None:
+        self._photo_failed(path, exc)
+
+    def _add_to_tally(self, pred: Prediction) -> None:
+        assert self.tally is not None
+        try:
+            self.tally.add(pred.path, pred.label, pred.probability, pred.uncertain)
+        except TallyError as exc:
+            self.set_status(f"Count NOT saved: {exc}", "error")
+        self._refresh_tally()
+        if self.pending <= 0 and self.status_level == "info":
+            self.set_status(f"{len(self.tally)} cell(s) counted")
+
+    def correct_entry(self, index: int, label: str) -> None:
+        assert self.tally is not None
+        try:
+            e = self.tally.correct(index, label)
+            self.set_status(f"#{index + 1} {Path(e.file).name}: counted as {label}")
+        except (IndexError, ValueError) as exc:
+            self.set_status(str(exc), "error")
+        except TallyError as exc:
+            self.set_status(f"Count NOT saved: {exc}", "error")
+        self._refresh_tally()
+
+    def remove_entry(self, index: int) -> None:
+        assert self.tally is not None
+        try:
+            self.tally.remove(index)
+        except IndexError as exc:
+            self.set_status(str(exc), "error")
+        except TallyError as exc:
+            self.set_status(f"Count NOT saved: {exc}", "error")
+        self._refresh_tally()
+
+    def reset_count(self, confirmed: bool = False) -> None:
+        if not confirmed:
+            ConfirmPopup(title="Start a new count?",
+                         message=f"This clears the count ({len(self.tally or [])} cells). Export it first if "
+                                 f"you need it.", yes_action=lambda: self.reset_count(True)).open()
+            return
+        assert self.tally is not None
+        try:
+            self.tally.reset()
+            self.set_status("New count started")
+        except TallyError as exc:
+            self.set_status(f"Count NOT saved: {exc}", "error")
+        self._refresh_tally()
+
+    def export_csv(self, path: Path | str | None = None) -> Path | None:
+        assert self.tally is not None
+        if path is None:
+            path = self._export_dir() / f"differential-count-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        try:
+            images, tally = self.tally.export_csv(path)
+        except OSError as exc:
+            self.set_status(f"Export failed: {exc}", "error")
+            return None
+        self.set_status(f"Exported {len(self.tally)} cells to {images.name} and {tally.name} in {images.parent}")
+        return images
+
+    def _export_dir(self) -> Path:
+        if self.platform_name == "android":
+            try:
+                from android.storage import primary_external_storage_path
+
+                return Path(primary_external_storage_path()) / "Documents" / "cellvit"
+            except ImportError:
+                log.warning("android.storage unavailable: exporting into the app's private folder")
+        return self.data_dir / "exports"
+
+    def _refresh_tally(self) -> None:
+        t = self.tally
+        if t is None:
+            return
+        counts, pct = t.counts(), t.percentages()
+        self.count_total = len(t)
+        self.tally_rows = [{"name": k, "count": str(v), "percent": f"{pct[k]:.1f} %"} for k, v in counts.items()]
+        rows = []
+        for i, e in enumerate(t.entries):
+            mark = f"{e.label}  (model: {e.predicted} {e.probability:.0%})" if e.corrected else \
+                f"{e.label}  {e.probability:.0%}{'  uncertain' if e.uncertain else ''}"
+            rows.append({"text": f"#{i + 1}  {Path(e.file).name}:  {mark}", "index": i, "corrected": e.corrected})
+        self.entry_rows = list(reversed(rows))  # newest on top
+
+    def open_correction(self, index: int) -> None:
+        assert self.tally is not None
+        if not 0 <= index < len(self.tally):
+            return
+        e = self.tally.entries[index]
+        popup = CorrectionPopup(title=f"#{index + 1} {Path(e.file).name}: correct the label", index=index,
+                                current=e.label)
+        popup.classes = self.tally.all_classes()
+        popup.open()
+
+    # ------------------------------------------------------------------ choosing photos
+
+    def choose_photo(self) -> None:
+        self._choose(multiple=False, on_choose=lambda paths: self.open_photo(paths[0]))
+
+    def choose_for_count(self) -> None:
+        self._choose(multiple=True, on_choose=self.count_add)
+
+    def _choose(self, multiple: bool, on_choose: Callable[[list[Path]], None]) -> None:
+        if self.is_phone and self._system_picker(multiple, on_choose):
+            return
+        ChooserPopup(title="Choose a folder or photos" if multiple else "Choose a cell photo",
+                     multiple=multiple, start_path=self._last_folder, chosen_action=on_choose).open()
+
+    def _system_picker(self, multiple: bool, on_choose: Callable[[list[Path]], None]) -> bool:
+        """Gallery picker through plyer; False (use Kivy's chooser) where plyer cannot."""
+        try:
+            from plyer import filechooser
+        except ImportError:
+            return False
+
+        def picked(selection: list[str] | None) -> None:  # plyer may call this from another thread
+            if selection:
+                Clock.schedule_once(lambda _dt: on_choose([Path(s) for s in selection]), 0)
+
+        try:
+            filechooser.open_file(on_selection=picked, multiple=multiple,
+                                  filters=[["Images", *CHOOSER_FILTERS]])
+        except NotImplementedError:
+            return False
+        return True
+
+    def take_photo(self) -> None:
+        try:
+            from plyer import camera
+        except ImportError:
+            self.set_status("No camera support on this device", "warning")
+            return
+        target = self.data_dir / "camera" / f"cell-{time.strftime('%Y%m%d-%H%M%S')}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        def done(path: str) -> bool:
+            Clock.schedule_once(lambda _dt: self.open_photo(path), 0)
+            return False
+
+        try:
+            camera.take_picture(filename=str(target), on_complete=done)
+        except (NotImplementedError, OSError) as exc:
+            self.set_status(f"Camera unavailable: {exc}", "warning")
+
+    # ------------------------------------------------------------------ about
+
+    def _about(self, error: str = "") -> str:
+        try:
+            m = self.classifier.manifest
+        except ModelError as exc:
+            return f"[b]Cell classifier[/b] {__version__}\n\n[color=ff6666]{exc}[/color]"
+        raw = m.raw
+        model = raw.get("model", {})
+        ds = raw.get("dataset", {})
+        metrics = raw.get("metrics", {})
+        train = metrics.get("training", {})
+        verify = metrics.get("verify", {})
+        unc = raw.get("uncertainty", {})
+        counts = ds.get("train_counts") or {}
+        lines = [f"[b]Cell classifier[/b]  app {__version__}  ·  model version {raw.get('version', '?')}  ·  "
+                 f"manifest schema {raw.get('schema_version')}",
+                 f"Model: {model.get('arch', '?')}, {model.get('params', '?')} parameters, epoch "
+                 f"{model.get('epoch', '?')}, input {m.input_size}x{m.input_size} px, exported "
+                 f"{raw.get('created_utc', '?')}",
+                 f"In use: {self.model_name or 'not loaded'}" + ("  (sha256 verified)" if self.model_name else ""),
+                 "",
+                 f"[b]Classes ({len(m.classes)})[/b]: " + ", ".join(m.classes),
+                 "",
+                 f"[b]Training data[/b]: {ds.get('name', '?')}, {sum(counts.values()) if counts else '?'} training "
+                 f"images" + (f", fingerprint {str(ds.get('fingerprint'))[:12]}" if ds.get("fingerprint") else "")]
+        if counts:
+            lines.append("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        lines += ["", "[b]Measured accuracy[/b]"]
+        if train:
+            lines.append(f"  validation (PyTorch): accuracy {_pct(train.get('val_acc'))}, "
+                         f"macro-F1 {_pct(train.get('val_macro_f1'))}")
+        formats = {a.file: a for a in m.artifacts}
+        if not verify:
+            lines.append("  exported formats: not verified yet (run export verification)")
+        for file, v in verify.items():
+            a = formats.get(file)
+            kind = f"{a.format} {a.precision}" if a else file
+            lines.append(f"  {kind}: accuracy {_pct(v.get('accuracy'))}, macro-F1 {_pct(v.get('macro_f1'))}, "
+                         f"agreement with PyTorch {_pct(v.get('agreement'))}")
+        lines += ["", f"[b]Uncertainty[/b]: results below {m.threshold:.0%} top probability say "
+                      f"\"{UNCERTAIN_MESSAGE}\""]
+        if unc.get("val_accuracy_at_or_above") is not None:
+            lines.append(f"  at or above it: validation accuracy {_pct(unc.get('val_accuracy_at_or_above'))} on "
+                         f"{_pct(unc.get('val_coverage'))} of cells")
+        if error:
+            lines += ["", f"[color=ff6666]{error}[/color]"]
+        lines += ["", f"[b]Notice[/b]: {m.notice}"]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ scripting / tests
+
+    def state(self) -> dict:
+        """What the screen shows, as plain data (for scripted runs and their tests)."""
+        t = self.tally
+        return {
+            "screen": self.root.ids.sm.current if self.root else "",
+            "model_state": self.model_state, "model_name": self.model_name, "model_error": self.model_error,
+            "status": self.status, "status_level": self.status_level, "pending": self.pending,
+            "photo": self.photo_name, "label": self.result_label,
+            "probability": round(float(self.result_probability), 6), "uncertain": self.result_uncertain,
+            "message": self.result_message, "top": [[c, round(float(p), 6)] for c, p in
+                                                     zip(self.top_labels, self.top_values) if c],
+            "info": self.result_info, "crop": list(self.photo_crop),
+            "count_total": self.count_total, "counts": t.counts() if t else {},
+            "entries": [{"file": e.file, "predicted": e.predicted, "label": e.label, "corrected": e.corrected}
+                        for e in (t.entries if t else [])],
+            "about": self.about_text, "timing": dict(self.timing),
+        }
+
+    def show(self, screen: str) -> None:
+        self.root.ids.sm.current = screen
+
+    def save_screenshot(self, path: Path | str) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made = Path(Window.screenshot(name=str(path)))  # Kivy inserts a counter into the name
+        made.replace(path)
+        return path
+
+    def finish_script(self, outcome: dict) -> None:
+        if self._result_path is not None:
+            Path(self._result_path).write_text(json.dumps(outcome, indent=1))
+        self.exit_code = 0 if outcome.get("ok") else 1
+        self.stop()
+
+
+def _pct(v: Any) -> str:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return f"{100 * float(v):.1f} %" if ok else "n/a"

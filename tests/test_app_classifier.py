@@ -1,0 +1,91 @@
+"""The app's classifier (exported model, torch-free path) gives the PyTorch checkpoint's top-1 on real photos."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures_app import images as img
+from mobile_app import cli
+from mobile_app.classifier import UNCERTAIN_MESSAGE, CellClassifier
+
+N_IMAGES = 50
+TIE = 1e-4  # a top-1 flip is only tolerated between classes whose PyTorch logits are this close
+
+
+@pytest.fixture(scope="module")
+def photos(pbc_dev: Path) -> list[Path]:
+    paths = img.real_images(pbc_dev, per_class=7)[:N_IMAGES]
+    assert len(paths) == N_IMAGES
+    return paths
+
+
+@pytest.fixture(scope="module")
+def torch_logits(smoke_export: Path, photos: list[Path]) -> np.ndarray:
+    """[N, C] logits of the checkpoint, fed exactly as training feeds it."""
+    torch = pytest.importorskip("torch")
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.data import load_rgb
+
+    model, prep, classes = model_from_checkpoint(load_checkpoint(smoke_export.parent / "best.pt"))
+    manifest = json.loads((smoke_export / "manifest.json").read_text())
+    assert classes == manifest["classes"]
+    batch = np.stack([np.asarray(prep.apply(load_rgb(p)), dtype=np.uint8) for p in photos])  # [N, S, S, 3] uint8
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255)  # [N, 3, S, S] float32 in 0..1
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_top1_agrees_with_pytorch_checkpoint(fmt: str, smoke_export: Path, photos: list[Path],
+                                             torch_logits: np.ndarray, record_property) -> None:
+    if fmt == "executorch":
+        pytest.importorskip("executorch.runtime")
+    clf = CellClassifier(smoke_export, fmt=fmt, platform="desktop")
+    preds = [clf.classify(p) for p in photos]
+    classes = clf.manifest.classes
+    app_top1 = np.array([classes.index(p.label) for p in preds])
+    ref_top1 = torch_logits.argmax(1)
+    agree = int((app_top1 == ref_top1).sum())
+    ref_probs = np.exp(torch_logits - torch_logits.max(1, keepdims=True))
+    ref_probs /= ref_probs.sum(1, keepdims=True)
+    max_prob_diff = float(np.abs(np.array([p.probabilities for p in preds]) - ref_probs).max())
+    record_property(f"top1_agreement_{fmt}", f"{agree}/{len(photos)}")
+    record_property(f"max_prob_diff_{fmt}", max_prob_diff)
+    print(f"\n{fmt}: top-1 agrees with the PyTorch checkpoint on {agree}/{len(photos)} real images, "
+          f"max |p_app - p_torch| = {max_prob_diff:.2e}")
+    for i in np.flatnonzero(app_top1 != ref_top1):  # only near-ties may flip
+        gap = abs(torch_logits[i, app_top1[i]] - torch_logits[i, ref_top1[i]])
+        assert gap < TIE, f"{photos[i].name}: app says {classes[app_top1[i]]}, PyTorch {classes[ref_top1[i]]}"
+    assert max_prob_diff < 1e-3
+    threshold = clf.manifest.threshold
+    assert all(p.uncertain == (p.probability < threshold) for p in preds)
+    assert all(p.message == (UNCERTAIN_MESSAGE if p.uncertain else "") for p in preds)
+
+
+def test_cli_json_and_folders(smoke_export: Path, pbc_dev: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for p in img.real_images(pbc_dev, per_class=1)[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "readme.txt").write_text("not an image, ignored when a folder is expanded")
+    assert cli.main(["classify", "--json", "--model-dir", str(smoke_export), str(folder)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in folder.glob("*.jpg"))
+    for r in rows:
+        assert len(r["top"]) == 3 and r["top"][0][0] == r["label"] and r["inference_ms"] > 0
+        assert r["uncertain"] == (r["probability"] < r["threshold"])
+
+
+def test_bundle_copies_one_verified_model(smoke_export: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    dest = tmp_path / "assets" / "model"
+    dest.mkdir(parents=True)
+    (dest / "stale.pte").write_bytes(b"old")
+    assert cli.main(["bundle", "--model-dir", str(smoke_export), "--format", "onnx", "--dest", str(dest)]) == 0
+    assert sorted(p.suffix for p in dest.iterdir()) == [".json", ".onnx"]
+    clf = CellClassifier(dest, platform="desktop")  # the bundled folder works on its own
+    assert clf.load().name == "onnxruntime"
