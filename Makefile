@@ -1,0 +1,68 @@
+# Two commands do everything on a fresh machine: `make train export DATA=...` and `make test`.
+# Every target depends on the virtual environment, so the first one sets it up.
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+DATA     ?= ../shared/data/pbc_dev
+RUN      ?= default
+PRESET   ?=
+ARCH     ?=
+ARGS     ?=
+RUN_DIR  := runs/$(RUN)
+
+.PHONY: install train export verify evaluate app app-assets test test-slow bench bench-tables bench-train-speed \
+        bench-flops train-all clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	# torch/torchvision first, pinned: the pair executorch 1.5.1 runs with
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e '.[all]'
+	touch $@
+
+train: install
+	$(PY) -m train --data $(DATA) --run-dir $(RUN_DIR) $(if $(PRESET),--preset $(PRESET)) $(if $(ARCH),--arch $(ARCH)) \
+	    $(if $(wildcard $(RUN_DIR)/last.pt),--resume) $(ARGS)
+
+export: install
+	$(PY) -m export --run-dir $(RUN_DIR)
+	$(PY) -m export.verify --run-dir $(RUN_DIR)
+
+verify: install
+	$(PY) -m export.verify --run-dir $(RUN_DIR) $(if $(filter-out ../shared/data/pbc_dev,$(DATA)),--data $(DATA))
+
+evaluate: install
+	$(PY) -m train.evaluate --run-dir $(RUN_DIR) $(if $(filter-out ../shared/data/pbc_dev,$(DATA)),--data $(DATA))
+
+# The desktop app with this run's model; app-assets copies model + manifest into mobile_app/assets/model/.
+app: install
+	$(PY) -m mobile_app run --model-dir $(RUN_DIR)/export
+
+app-assets: install
+	$(PY) -m mobile_app bundle --model-dir $(RUN_DIR)/export $(if $(FORMAT),--format $(FORMAT))
+
+test: install
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(ARGS)
+
+bench: install
+	$(PY) -m benchmarks.latency --run $(RUN) $(ARGS)
+
+bench-tables: install
+	$(PY) -m benchmarks.paper_tables $(ARGS)
+
+bench-flops: install
+	$(PY) -m benchmarks.flops
+
+bench-train-speed: install
+	$(PY) -m benchmarks.train_speed $(ARGS)
+
+train-all: install
+	$(PY) -m benchmarks.train_all --data $(DATA) $(if $(PRESET),--preset $(PRESET)) $(ARGS)
+
+clean:
+	rm -rf runs/smoke* .pytest_cache

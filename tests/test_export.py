@@ -1,0 +1,154 @@
+"""Export + verification on a real (tiny) trained model and real pbc_dev images, through the real runtimes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.manifest import ManifestError, read_manifest, sha256_of, write_manifest
+from tests.conftest import SMOKE_FORMATS
+from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_atomic
+
+
+@pytest.fixture(scope="module")
+def val_batch(smoke_run: Path, pbc_sample: Path):
+    """Real images decoded as the app decodes them: x [N, 3, S, S] float32 0..1, labels [N]; and PyTorch logits."""
+    from export.verify import VerifyConfig, load_images
+
+    ckpt = load_checkpoint(smoke_run / "best.pt")
+    model, _, classes = model_from_checkpoint(ckpt)
+    x, y, _ = load_images(VerifyConfig(run_dir=str(smoke_run), data=str(pbc_sample), limit=40), ckpt, classes)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    return x, y, ref
+
+
+def test_manifest_lists_every_artifact_with_checksums(smoke_export: Path) -> None:
+    m = read_manifest(smoke_export)
+    assert [f"{a['format'] if a['format'] != 'executorch' else 'xnnpack'}_{a['precision']}" for a in m["artifacts"]] \
+        == SMOKE_FORMATS
+    for a in m["artifacts"]:
+        p = smoke_export / a["file"]
+        assert a["file"].startswith("mobilevit_xxs_") and a["sha256"] == sha256_of(p) and a["size_bytes"] > 10_000
+    assert m["classes"] == load_checkpoint(smoke_export.parent / "best.pt")["classes"]
+    assert m["input"]["shape"] == [1, 3, 64, 64] and m["input"]["value_range"] == [0.0, 1.0]
+    assert m["preprocessing"]["resize"] == "center_square_crop_then_resize"
+    assert 0.3 <= m["uncertainty"]["threshold"] <= 0.99
+    assert m["tools"]["executorch"] == "1.5.1"
+    assert not list(smoke_export.parent.glob(".export-staging*"))  # staging cleaned up
+
+
+def test_manifest_round_trip_and_unknown_schema(smoke_export: Path, tmp_path: Path) -> None:
+    m = read_manifest(smoke_export)
+    write_manifest(m, tmp_path)
+    assert read_manifest(tmp_path) == m
+    write_manifest({**m, "schema_version": 99}, tmp_path)
+    with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
+        read_manifest(tmp_path)
+
+
+def _run(entry: dict, path: Path, x: np.ndarray) -> np.ndarray:
+    from export.runtimes import ExecutorchRunner, OnnxRunner
+
+    return (OnnxRunner(path) if entry["format"] == "onnx" else ExecutorchRunner(path))(x)
+
+
+@pytest.mark.parametrize("fmt", [f for f in SMOKE_FORMATS if not f.startswith("coreml")])
+def test_runtime_parity_on_real_images(fmt: str, smoke_export: Path, val_batch) -> None:
+    x, y, ref = val_batch
+    m = read_manifest(smoke_export)
+    fname = f"{m['model']['arch']}_{fmt}" + (".onnx" if fmt.startswith("onnx") else ".pte")
+    entry = next(a for a in m["artifacts"] if a["file"] == fname)
+    out = _run(entry, smoke_export / entry["file"], x)
+    assert out.shape == ref.shape
+    diff = np.abs(out - ref).max()
+    agree = (out.argmax(1) == ref.argmax(1)).mean()
+    if fmt.endswith("fp32"):
+        assert diff <= 1e-3 and agree == 1.0, (diff, agree)
+    else:  # int8: close to fp32 but not identical (a quantised model that equals fp32 exactly was not quantised)
+        spread = ref.max(1) - ref.min(1)
+        assert 1e-5 < diff < 0.25 * spread.mean(), (diff, spread.mean())
+        assert agree >= 0.9, agree
+
+
+def test_verify_command_writes_tables_and_gates(smoke_export: Path, pbc_sample: Path, capsys) -> None:
+    from export.verify import main
+
+    assert main(["--run-dir", str(smoke_export.parent), "--data", str(pbc_sample)]) == 0
+    res = json.loads((smoke_export / "verify.json").read_text())
+    rows = {r["file"]: r for r in res["rows"]}
+    assert res["images"] == 96 and res["passed"]
+    for f, r in rows.items():
+        if f.endswith(("fp32.onnx", "fp32.pte")):
+            assert r["status"] == "PASS" and r["agreement"] == 1.0 and r["max_abs_logit_diff"] <= 1e-3
+        if f.endswith(".mlpackage"):  # never a number it didn't measure
+            assert r["status"] == "structure ok" and r["accuracy"] is None and "macOS" in r["note"]
+    table = (smoke_export / "verify.md").read_text()
+    assert "| onnx | int8 |" in table and "| pytorch | fp32 | reference |" in table
+    assert "mobilevit_xxs_onnx_fp32.onnx" in read_manifest(smoke_export)["metrics"]["verify"]
+
+
+def test_tampered_artifact_is_refused(export_copy: Path, caplog) -> None:
+    from export.verify import main
+
+    pte = next((export_copy / "export").glob("*_xnnpack_fp32.pte"))
+    data = bytearray(pte.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pte.write_bytes(bytes(data))
+    assert main(["--run-dir", str(export_copy), "--limit", "4"]) == 2
+    assert "does not match the manifest" in caplog.text and pte.name in caplog.text
+
+
+def test_verify_refuses_folder_with_unknown_classes(export_copy: Path, pbc_sample: Path, tmp_path: Path,
+                                                    caplog) -> None:
+    from export.verify import main
+
+    other = tmp_path / "other"
+    (other / "myeloblast").mkdir(parents=True)
+    (other / "neutrophil").mkdir()
+    for cls in ("myeloblast", "neutrophil"):
+        for f in sorted((pbc_sample / "neutrophil").iterdir())[:2]:
+            (other / cls / f.name).symlink_to(f.resolve())
+    assert main(["--run-dir", str(export_copy), "--data", str(other)]) == 2
+    assert "['myeloblast'] are not among the model's classes" in caplog.text
+
+
+def test_coreml_structure_check(smoke_export: Path) -> None:
+    from export.runtimes import coreml_structure
+
+    pkg = next(smoke_export.glob("*_coreml_fp16.mlpackage"))
+    classes = read_manifest(smoke_export)["classes"]
+    assert coreml_structure(pkg, classes, 64) == []
+    problems = coreml_structure(pkg, classes[::-1], 96)
+    assert any("differ" in p for p in problems) and any("expected 96" in p for p in problems)
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("missing_run", "run folder not found"),
+    ("config_arch", "checkpoint says arch 'mobilevit_xxs' but its config says 'mobilevit_xs'"),
+    ("class_count", "weights do not fit mobilevit_xxs with 9 classes"),
+    ("unknown_format", "unknown format(s) ['tflite']"),
+])
+def test_export_errors_are_clear(damage: str, expected: str, export_copy: Path, caplog) -> None:
+    from export.cli import main
+
+    run = export_copy
+    formats = ["onnx_fp32"]
+    if damage == "missing_run":
+        run = export_copy / "nope"
+    elif damage == "unknown_format":
+        formats = ["tflite"]
+    else:
+        ck = load_checkpoint(run / "best.pt")
+        if damage == "config_arch":
+            ck["config"]["arch"] = "mobilevit_xs"
+        else:
+            ck["classes"] = ck["classes"] + ["extra"]
+        save_atomic(ck, run / "best.pt")
+    before = (export_copy / "export" / "manifest.json").read_text()
+    assert main(["--run-dir", str(run), "--formats", *formats]) == 2
+    assert expected in caplog.text
+    assert (export_copy / "export" / "manifest.json").read_text() == before  # old export untouched

@@ -1,0 +1,196 @@
+"""Data layer on real pbc_dev images: decoding variants, bad input errors, class maps, zips, split, sampler."""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_sample
+from train.data import (
+    BadImageError,
+    ClassMap,
+    DatasetError,
+    ImageCache,
+    load_rgb,
+    load_split_samples,
+    save_split,
+    scan_dataset,
+    stratified_split,
+)
+from train.preprocess import Preprocessing
+
+
+@pytest.fixture(scope="module")
+def real_rgb(pbc_dev: Path) -> np.ndarray:
+    return np.asarray(Image.open(sorted((pbc_dev / "monocyte").iterdir())[0]).convert("RGB"))
+
+
+def _write_variant(kind: str, rgb: np.ndarray, path: Path) -> Path:
+    import tifffile
+
+    if kind == "png_rgba":
+        a = np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])
+        Image.fromarray(a, "RGBA").save(path := path.with_suffix(".png"))
+    elif kind == "bmp_gray":
+        Image.fromarray(rgb.mean(2).astype(np.uint8), "L").save(path := path.with_suffix(".bmp"))
+    elif kind == "tif_gray16":
+        tifffile.imwrite(path := path.with_suffix(".tif"), (rgb.mean(2) * 257).astype(np.uint16))
+    elif kind == "tiff_rgb16":
+        tifffile.imwrite(path := path.with_suffix(".tiff"), rgb.astype(np.uint16) * 257)
+    elif kind == "tif_rgb8":
+        tifffile.imwrite(path := path.with_suffix(".tif"), rgb)
+    elif kind == "png_palette":
+        Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(path := path.with_suffix(".png"))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["png_rgba", "bmp_gray", "tif_gray16", "tiff_rgb16", "tif_rgb8", "png_palette"])
+def test_every_supported_variant_decodes_to_8bit_rgb(kind: str, real_rgb: np.ndarray, tmp_path: Path) -> None:
+    img = load_rgb(_write_variant(kind, real_rgb, tmp_path / "cell"))
+    assert img.mode == "RGB" and img.size == (real_rgb.shape[1], real_rgb.shape[0])
+    arr = np.asarray(img).astype(int)
+    ref = real_rgb.astype(int) if kind not in ("bmp_gray", "tif_gray16") else np.repeat(real_rgb.mean(2, keepdims=True), 3, 2)
+    # 16-bit -> 8-bit and palette quantisation lose a little; the picture must still be the same cell
+    assert np.abs(arr - ref).mean() < (4 if kind == "png_palette" else 1.5)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"not an image at all", "cannot decode"),
+    ("truncated", "cannot decode"),
+    (b"", "cannot decode"),
+])
+def test_unreadable_image_raises_with_path(content, reason: str, pbc_dev: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    if content == "truncated":
+        content = sorted((pbc_dev / "basophil").iterdir())[0].read_bytes()[:3000]
+    bad.write_bytes(content)
+    with pytest.raises(BadImageError) as exc:
+        load_rgb(bad)
+    assert str(bad) in str(exc.value) and reason in str(exc.value)
+
+
+def test_cache_skips_and_reports_corrupt_images(pbc_sample: Path, tmp_path: Path, caplog) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(pbc_sample, root, symlinks=True)
+    (root / "ig" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    samples = scan_dataset(root)
+    cache = ImageCache.build(samples, Preprocessing(64), workers=1)
+    assert len(cache) == len(samples.paths) - 1
+    assert [Path(p).name for p, _ in cache.skipped] == ["corrupt.jpg"]
+    assert "corrupt.jpg" in caplog.text
+    assert cache.images.shape[1:] == (64, 64, 3) and cache.images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "dataset not found"),
+    ("empty_class", "class(es) with no images"),
+    ("single_class", "need at least 2 classes"),
+    ("no_folders", "no class folders found"),
+    ("classmap_unknown", "names folders that do not exist: NOPE"),
+])
+def test_bad_datasets_give_clear_errors_naming_the_path(case: str, expected: str, pbc_dev: Path,
+                                                        tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    cmap = None
+    if case != "missing":
+        root.mkdir()
+    if case in ("empty_class", "classmap_unknown"):
+        make_sample(pbc_dev, root, per_class=2, classes=["basophil", "monocyte"])
+        if case == "empty_class":
+            (root / "lymphocyte").mkdir()
+        else:
+            cmap = ClassMap.load({"keep": {"NOPE": "x", "basophil": "b"}})
+    elif case == "single_class":
+        make_sample(pbc_dev, root, per_class=2, classes=["basophil"])
+    elif case == "no_folders":
+        (root / "readme.txt").write_text("hi")
+    with pytest.raises(DatasetError) as exc:
+        scan_dataset(root, cmap)
+    assert expected in str(exc.value) and str(root) in str(exc.value)
+
+
+AML_FOLDERS = ["BAS", "EBO", "EOS", "KSC", "LYA", "LYT", "MMZ", "MOB", "MON", "MYB", "MYO", "NGB", "NGS", "PMB", "PMO"]
+
+
+def test_aml_paper_class_map_on_aml_layout(pbc_dev: Path, tmp_path: Path) -> None:
+    """AML-Cytomorphology_LMU layout: AML-Cytomorphology_LMU/<CODE>/<CODE>_0001.tiff (real cells as stand-ins)."""
+    import tifffile
+
+    root = tmp_path / "AML-Cytomorphology_LMU"
+    src = sorted((pbc_dev / "neutrophil").iterdir())
+    for i, code in enumerate(AML_FOLDERS):
+        (root / code).mkdir(parents=True)
+        for j in range(2):
+            rgb = np.asarray(Image.open(src[2 * i + j]).convert("RGB"))
+            tifffile.imwrite(root / code / f"{code}_{j:04d}.tiff", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+    samples = scan_dataset(tmp_path, ClassMap.load("aml_lmu_paper"))  # wrapper folder is descended into
+    assert samples.classes == sorted(["myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band_neutrophil",
+                                      "segmented_neutrophil", "monocyte", "other"])
+    counts = samples.counts()
+    assert counts["other"] == 2 * (len(AML_FOLDERS) - 7) and counts["myeloblast"] == 2
+    img = load_rgb(samples.root / samples.paths[0])  # RGBA TIFF, as the AML scans are
+    assert img.mode == "RGB"
+
+
+def test_class_map_caps_and_drops(pbc_sample: Path, tmp_path: Path) -> None:
+    cmap_file = tmp_path / "map.yaml"
+    cmap_file.write_text("keep: {neutrophil: granulocyte, eosinophil: granulocyte, lymphocyte: lymphocyte}\n"
+                         "rest: null\nmax_per_class: 5\n")
+    s = scan_dataset(pbc_sample, ClassMap.load(cmap_file))
+    assert s.counts() == {"granulocyte": 5, "lymphocyte": 5}
+
+
+def test_zip_dataset_reads_like_the_folder(pbc_dev: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = make_sample(pbc_dev, tmp_path / "PBC_dataset_normal_DIB", per_class=2)
+    archive = tmp_path / "PBC_dataset_normal_DIB.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(folder.rglob("*.jpg")):
+            zf.write(f.resolve(), f.relative_to(tmp_path))
+    from_zip, from_dir = scan_dataset(archive), scan_dataset(folder)
+    assert from_zip.classes == from_dir.classes and from_zip.paths == from_dir.paths
+    assert from_zip.fingerprint() == from_dir.fingerprint()
+
+
+def test_split_is_stratified_deterministic_and_saved(pbc_dev: Path, tmp_path: Path) -> None:
+    samples = scan_dataset(pbc_dev)
+    tr, va = stratified_split(samples.labels, 0.1, seed=0)
+    assert stratified_split(samples.labels, 0.1, seed=0) == (tr, va)
+    assert stratified_split(samples.labels, 0.1, seed=1) != (tr, va)
+    assert not set(tr) & set(va) and len(tr) + len(va) == len(samples.paths)
+    lab = np.asarray(samples.labels)
+    for c in range(len(samples.classes)):  # every class is 10% +- one image in validation
+        n = (lab == c).sum()
+        assert abs((lab[va] == c).sum() - 0.1 * n) <= 1
+    save_split(tmp_path / "split.json", samples, tr, va, 0, 0.1)
+    val = load_split_samples(tmp_path / "split.json", "val")
+    assert val.paths == [samples.paths[i] for i in va]
+    assert json.loads((tmp_path / "split.json").read_text())["fingerprint"] == samples.fingerprint()
+
+
+def test_balanced_sampler_draws_near_uniform_classes_from_imbalanced_pbc(pbc_dev: Path) -> None:
+    import torch
+
+    from train.sampler import DistributedBalancedSampler, make_sampler
+
+    labels = np.asarray(scan_dataset(pbc_dev).labels)
+    raw = np.bincount(labels) / len(labels)
+    assert raw.max() / raw.min() > 2.5  # pbc_dev is imbalanced (neutrophil 1047 vs basophil 376)
+    torch.manual_seed(0)
+    drawn = labels[list(iter(make_sampler(labels)))]
+    freq = np.bincount(drawn, minlength=8) / len(drawn)
+    assert len(drawn) == len(labels)
+    assert np.abs(freq - 1 / 8).max() < 0.02, freq  # 1/8 = 0.125 each, within 2 points
+    # Distributed: two ranks draw disjoint shares of one stream that is itself balanced.
+    ranks = [DistributedBalancedSampler(labels, r, 2, seed=0) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(3)
+    stream = ranks[0].stream()
+    assert list(iter(ranks[0])) == stream[0::2].tolist() and list(iter(ranks[1])) == stream[1::2].tolist()
+    freq = np.bincount(labels[stream.numpy()], minlength=8) / len(stream)
+    assert np.abs(freq - 1 / 8).max() < 0.02

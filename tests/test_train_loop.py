@@ -1,0 +1,134 @@
+"""Training end to end on real images: outputs, config resolution, errors, kill-and-resume, DDP, evaluation."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from train.checkpoint import load_checkpoint
+from train.config import get_args_parser, resolve_config
+
+SMOKE = ["--preset", "smoke", "--image-size", "64"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_smoke_run_writes_every_output(smoke_run: Path) -> None:
+    for name in ("best.pt", "last.pt", "config.yaml", "split.json", "metrics.csv", "train.log",
+                 "accuracy.png", "loss.png", "confusion_matrix.png"):
+        assert (smoke_run / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(smoke_run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    ck = load_checkpoint(smoke_run / "best.pt")
+    assert ck["arch"] == "mobilevit_xxs" and len(ck["classes"]) == 8
+    assert ck["preprocessing"]["input_size"] == 64 and ck["preprocessing"]["resize"] == "center_square_crop_then_resize"
+    assert yaml.safe_load((smoke_run / "config.yaml").read_text())["preset"] == "smoke"
+    assert "epoch 3/3" in (smoke_run / "train.log").read_text()
+
+
+def test_preset_resolution_and_overrides(caplog) -> None:
+    cfg = resolve_config(get_args_parser().parse_args(["--data", "x", "--preset", "cpu", "--epochs", "7",
+                                                      "--lr", "0.01", "--amp", "false"]))
+    assert (cfg.epochs, cfg.lr, cfg.amp, cfg.arch, cfg.image_size) == (7, 0.01, False, "mobilevit_xxs", 128)
+    cfg = resolve_config(get_args_parser().parse_args(["--data", "x"]))  # no preset, no GPU here -> cpu, loudly
+    assert cfg.preset == ("paper" if __import__("torch").cuda.is_available() else "cpu")
+    assert "NO --preset GIVEN" in caplog.text
+    assert resolve_config(get_args_parser().parse_args(["--data", "x", "--preset", "paper"])).batch_size == 128
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--arch", "vit_huge"], "valid: mobilevit_xxs, mobilevit_xs, mobilevit_s, resnet50"),
+    (["--augment", "mixup"], "valid: none, cells"),
+])
+def test_bad_options_list_valid_choices(argv: list[str], expected: str, pbc_sample: Path, tmp_path: Path,
+                                        caplog) -> None:
+    from train.cli import main
+
+    assert main(["--data", str(pbc_sample), "--run-dir", str(tmp_path / "r"), *SMOKE, *argv]) == 2
+    assert expected in caplog.text
+
+
+def test_existing_run_is_not_overwritten(smoke_run: Path, pbc_sample: Path, caplog) -> None:
+    from train.cli import main
+
+    before = (smoke_run / "best.pt").stat().st_mtime
+    assert main(["--data", str(pbc_sample), "--run-dir", str(smoke_run), *SMOKE]) == 2
+    assert "pass --resume" in caplog.text and (smoke_run / "best.pt").stat().st_mtime == before
+
+
+def _metrics(run: Path) -> list[dict]:
+    return list(csv.DictReader(open(run / "metrics.csv")))
+
+
+def test_killed_run_resumes_and_matches_an_unbroken_run(pbc_sample: Path, tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "train", "--data", str(pbc_sample), *SMOKE, "--epochs", "5",
+            "--max-steps-per-epoch", "5", "--plots", "false", "--threads", "1"]
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    proc = subprocess.Popen([*args, "--run-dir", str(broken)], env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 once two epochs are checkpointed, mid-training
+        if (broken / "metrics.csv").exists() and len(_metrics(broken)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_metrics(broken))
+    assert 2 <= done < 5, f"run was not interrupted mid-training ({done} epochs done)"
+    assert load_checkpoint(broken / "last.pt")["epoch"] == done  # atomic: the file on disk is whole
+    subprocess.run([*args, "--run-dir", str(broken), "--resume"], env=_env(), cwd=REPO, check=True,
+                   capture_output=True)
+    subprocess.run([*args, "--run-dir", str(whole)], env=_env(), cwd=REPO, check=True, capture_output=True)
+    a, b = _metrics(broken), _metrics(whole)
+    assert [int(r["epoch"]) for r in a] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b):  # same batches, same augmentation, same weights: resume is exact
+        assert float(ra["val_loss"]) == pytest.approx(float(rb["val_loss"]), abs=1e-4)
+        assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), abs=1e-4)
+
+
+def test_ddp_two_processes_gloo(pbc_sample: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "train", "--data", str(pbc_sample), "--run-dir", str(run), *SMOKE, "--device", "cpu",
+                          "--epochs", "2", "--threads", "1", "--plots", "false"],
+                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world=2" in (run / "train.log").read_text()
+    assert len(_metrics(run)) == 2 and load_checkpoint(run / "best.pt")["epoch"] in (1, 2)
+
+
+def test_evaluate_on_a_folder_and_on_the_split(smoke_run: Path, pbc_sample: Path, tmp_path: Path, capsys) -> None:
+    from train.evaluate import main
+
+    out = tmp_path / "eval.json"
+    assert main(["--run-dir", str(smoke_run), "--data", str(pbc_sample), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 96 and set(rep) >= {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"}
+    assert sum(map(sum, rep["confusion_matrix"])) == 96
+    assert "macro-F1" in capsys.readouterr().out
+    assert main(["--run-dir", str(smoke_run)]) == 0
+    assert json.loads((smoke_run / "eval" / "val.json").read_text())["n"] == 8
+
+
+def test_evaluate_refuses_a_folder_with_other_classes(smoke_run: Path, pbc_sample: Path, tmp_path: Path,
+                                                      caplog) -> None:
+    from train.evaluate import main
+
+    other = tmp_path / "other"
+    for cls in ("blast", "neutrophil"):
+        (other / cls).mkdir(parents=True)
+        for f in sorted((pbc_sample / "neutrophil").iterdir())[:2]:
+            os.symlink(f.resolve(), other / cls / f.name)
+    assert main(["--run-dir", str(smoke_run), "--data", str(other)]) == 2
+    assert "['blast'] are not classes of" in caplog.text
