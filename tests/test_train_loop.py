@@ -71,22 +71,22 @@ def _metrics(run: Path) -> list[dict]:
     return list(csv.DictReader(open(run / "metrics.csv")))
 
 
-def test_killed_run_resumes_and_matches_an_unbroken_run(pbc_sample: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--ema-decay", "0.99", "--warmup-epochs", "2"]], ids=["plain", "ema_warmup"])
+def test_killed_run_resumes_and_matches_an_unbroken_run(extra: list[str], pbc_sample: Path, tmp_path: Path) -> None:
     args = [sys.executable, "-m", "train", "--data", str(pbc_sample), *SMOKE, "--epochs", "5",
-            "--max-steps-per-epoch", "5", "--plots", "false", "--threads", "1"]
+            "--max-steps-per-epoch", "5", "--plots", "false", "--threads", "1", *extra]
     broken, whole = tmp_path / "broken", tmp_path / "whole"
     proc = subprocess.Popen([*args, "--run-dir", str(broken)], env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill -9 once two epochs are checkpointed, mid-training
-        if (broken / "metrics.csv").exists() and len(_metrics(broken)) >= 2:
+        if (broken / "metrics.csv").exists() and len(_metrics(broken)) >= 2:  # written after last.pt
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(_metrics(broken))
+    done = load_checkpoint(broken / "last.pt")["epoch"]  # atomic: the file on disk is whole
     assert 2 <= done < 5, f"run was not interrupted mid-training ({done} epochs done)"
-    assert load_checkpoint(broken / "last.pt")["epoch"] == done  # atomic: the file on disk is whole
     subprocess.run([*args, "--run-dir", str(broken), "--resume"], env=_env(), cwd=REPO, check=True,
                    capture_output=True)
     subprocess.run([*args, "--run-dir", str(whole)], env=_env(), cwd=REPO, check=True, capture_output=True)

@@ -247,7 +247,8 @@ def fit(cfg: TrainConfig) -> dict:
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         start_epoch, best_f1 = ck["epoch"] + 1, ck["best_macro_f1"]
-        rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= ck["epoch"]]
+        rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] < ck["epoch"]]
+        rows.append({k: ck["metrics"][k] for k in METRIC_FIELDS})
         log.info("resumed from %s at epoch %d (best macro-F1 so far %.4f)", last, ck["epoch"], best_f1)
 
     fingerprint = samples.fingerprint()
@@ -312,7 +313,6 @@ def fit(cfg: TrainConfig) -> dict:
                "train_images_per_s": seen * dist.world_size / max(train_s, 1e-9),
                "elapsed_s": elapsed0 + time.time() - t_start}
         rows.append(row)
-        write_metrics(run_dir / "metrics.csv", rows)
         ckpt = {
             "format_version": CHECKPOINT_VERSION, "arch": cfg.arch, "classes": classes,
             "preprocessing": prep.to_dict(), "config": cfg.to_dict(),
@@ -333,6 +333,8 @@ def fit(cfg: TrainConfig) -> dict:
                      "best_macro_f1": best_f1,
                      "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}})
         save_atomic(ckpt, run_dir / "last.pt")
+        # After last.pt: a kill in between loses no row (resume rebuilds it from the checkpoint).
+        write_metrics(run_dir / "metrics.csv", rows)
         if cfg.plots:
             plots.plot_curves(rows, run_dir)
         log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f bal-acc %.4f macro-F1 %.4f%s | "
