@@ -38,7 +38,11 @@ class BadImageError(ValueError):
 # ----------------------------------------------------------------------------- images
 
 def _to_uint8_rgb(arr: np.ndarray) -> np.ndarray:
-    """Any numeric HxW, HxWx1/3/4 array (8/16-bit, float) -> HxWx3 uint8."""
+    """Any numeric HxW, HxWx1/3/4 array (8/16-bit, float) -> HxWx3 uint8.
+
+    mobile_app/imaging.py has a twin of this (the app ships without this package);
+    tests/test_app_preprocess.py checks the two decode every format identically.
+    """
     if arr.dtype == np.uint16:
         arr = (arr >> 8).astype(np.uint8)
     elif arr.dtype != np.uint8:
