@@ -194,3 +194,27 @@ def test_balanced_sampler_draws_near_uniform_classes_from_imbalanced_pbc(pbc_dev
     assert list(iter(ranks[0])) == stream[0::2].tolist() and list(iter(ranks[1])) == stream[1::2].tolist()
     freq = np.bincount(labels[stream.numpy()], minlength=8) / len(stream)
     assert np.abs(freq - 1 / 8).max() < 0.02
+
+
+def _symmetries(img):
+    for m in (img, img.flip(-1)):
+        for k in range(4):
+            yield m.rot90(k, dims=(-2, -1))
+
+
+@pytest.mark.parametrize("name", ["cells", "dihedral"])
+def test_augmentations_on_real_cells(name: str, pbc_sample: Path) -> None:
+    import torch
+
+    from train.augment import AUGMENTS
+
+    paths = sorted(p for p in pbc_sample.rglob("*") if p.is_file())[:16]
+    pre = Preprocessing(input_size=64)
+    x = torch.stack([torch.from_numpy(np.asarray(pre.apply(load_rgb(p)))).permute(2, 0, 1) for p in paths]).float() / 255
+    y = AUGMENTS[name](x.clone(), generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype and 0 <= y.min() and y.max() <= 1
+    changed = [not torch.equal(a, b) for a, b in zip(x, y)]
+    assert sum(changed) >= len(paths) // 2  # 7 of 8 orientations differ from the input
+    if name == "dihedral":
+        # Lossless: every output is one of the 8 symmetries of its input, pixel for pixel (no resampling blur).
+        assert all(any(torch.equal(b, s) for s in _symmetries(a)) for a, b in zip(x, y))

@@ -79,8 +79,10 @@ PRESETS: dict[str, dict] = {
     # The paper: MobileViT-XS from scratch, 256 px, batch 128, 200 epochs, lr 1e-3. Needs a GPU.
     "paper": dict(arch="mobilevit_xs", image_size=256, batch_size=128, epochs=200, lr=1e-3),
     # Chosen by measurement on 2 CPU cores (see README "Choosing the cpu preset"): <= ~40 min on pbc_dev.
-    "cpu": dict(arch="mobilevit_xxs", image_size=128, batch_size=64, epochs=40, lr=1e-3, warmup_epochs=2,
-                weight_decay=0.05, ema_decay=0.998, label_smoothing=0.0),
+    # Lossless dihedral augmentation and a long warm-up (~30%, one-cycle-like) beat free rotation/zoom/colour
+    # jitter + EMA by 3 points (98.3% vs 95.1% on pbc_dev, 38.7 min).
+    "cpu": dict(arch="mobilevit_xxs", image_size=128, batch_size=128, epochs=45, lr=2e-3, warmup_epochs=14,
+                weight_decay=0.01, ema_decay=0.0, augment="dihedral", label_smoothing=0.0),
     # Seconds, for tests and a first try of a new dataset.
     "smoke": dict(arch="mobilevit_xxs", image_size=64, batch_size=16, epochs=2, lr=2e-3, warmup_epochs=0,
                   max_steps_per_epoch=4, plots=True),
