@@ -93,4 +93,172 @@ class DihedralAugment:
                            contrast=self.contrast, saturation=self.saturation).colour(out, generator)
 
 
-AUGMENTS = {"none": None, "cells": CellAugment(), "dihedral": DihedralAugment()}
+
+
+
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, residual) in optical density.
+# Romanowsky stains (May-Grünwald-Giemsa, Wright, rapid stains) are not H&E, but their two dyes
+# split the same way (a blue-violet nuclear dye, a pink-orange acid dye), which is all a jitter
+# of stain amounts needs.
+_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+
+
+@dataclass(frozen=True)
+class RobustAugment:
+    """Other labs' pictures: framing/scale, stain, blur, resolution and noise, on whole batches.
+
+    Needs the training images at 2x the model's input size (`source_scale`), so that zooming in
+    does not upsample the 1x cache: the loop passes both `x` (the exact deploy-time image,
+    [B, 3, S, S]) and `src` ([B, 3, 2S, 2S]). A share `p_clean` of each batch stays the exact
+    deploy-time image under one of the 8 square symmetries (lossless; keeps accuracy on the
+    training lab's own pictures); the rest is resampled from `src` with a random zoom (the cell
+    fills about 1/3 of a PBC field, anywhere from 1/3 to all of the frame in other labs' crops),
+    free rotation and a small shift, then stain, colour, blur, down-and-up-sampling and noise.
+    """
+
+    source_scale: int = 2
+    p_clean: float = 0.3
+    zoom: tuple[float, float] = (0.3, 1.0)      # crop side as a fraction of the field (1 = all of it)
+    shift: float = 0.08                          # centre jitter, fraction of the field
+    stain: float = 0.25                          # per-dye amount factor in 1 +- stain (optical density)
+    stain_bias: float = 0.03                     # per-dye additive optical density
+    hue: float = 0.08                            # fraction of a full turn
+    saturation: tuple[float, float] = (0.5, 1.5)
+    brightness: float = 0.25
+    contrast: float = 0.25
+    gamma: float = 0.25                          # per-channel gamma in 1 +- gamma: colour casts
+    p_gray: float = 0.1
+    p_blur: float = 0.35
+    blur_sigma: tuple[float, float] = (0.4, 1.6)  # px at the model's input size
+    p_lowres: float = 0.35
+    lowres: tuple[float, float] = (0.3, 0.8)     # side fraction before upsampling back
+    p_noise: float = 0.25
+    noise: float = 0.03
+
+    def __call__(self, x: torch.Tensor, src: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """x: [B, 3, S, S], src: [B, 3, 2S, 2S], both float32 in 0..1 -> [B, 3, S, S] float32 in 0..1."""
+        b, s, dev = x.shape[0], x.shape[-1], x.device
+        if src is None:
+            raise ValueError("RobustAugment needs the 2x source images (ImageCache built at source_scale)")
+        rnd = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731
+        out = DihedralAugment()(x, generator)
+        dirty = rnd(b) >= self.p_clean
+        n = int(dirty.sum())
+        if n == 0:
+            return out
+        y = self._geometry(src[dirty], s, rnd)
+        y = self._stain(y, rnd)
+        y = self._colour(y, rnd)
+        y = self._blur(y, rnd)
+        y = self._lowres(y, rnd)
+        if self.p_noise:
+            on = (rnd(n) < self.p_noise).float().view(n, 1, 1, 1)
+            y = y + on * rnd(n).view(n, 1, 1, 1) * self.noise * torch.randn(y.shape, generator=generator).to(dev)
+        out[dirty] = y.clamp(0, 1)
+        return out
+
+    def _geometry(self, src: torch.Tensor, s: int, rnd) -> torch.Tensor:
+        """Zoom/rotate/shift sampled at the source's 2S, then 2x2 average: antialiased down to S."""
+        n = src.shape[0]
+        lo, hi = self.zoom
+        frac = torch.exp(rnd(n) * (math.log(hi) - math.log(lo)) + math.log(lo))  # log-uniform crop side
+        angle = rnd(n) * 2 * math.pi
+        flip = (rnd(n) < 0.5).float() * 2 - 1
+        # affine_grid's coordinates span 2 per field: a shift of s fields is 2s there (reflection fills edges)
+        tx, ty = (rnd(n) * 2 - 1) * 2 * self.shift, (rnd(n) * 2 - 1) * 2 * self.shift
+        cos, sin = torch.cos(angle) * frac, torch.sin(angle) * frac
+        theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, [n, 3, 2 * s, 2 * s], align_corners=False)
+        y = F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return F.avg_pool2d(y, 2)  # [n, 3, S, S]
+
+    def _stain(self, y: torch.Tensor, rnd) -> torch.Tensor:
+        """Scale and shift each dye's amount in optical-density space (HED jitter)."""
+        n = y.shape[0]
+        m = _HED.to(y.device) / _HED.to(y.device).norm(dim=1, keepdim=True)  # [3 dyes, 3 channels]
+        od = -torch.log(y.clamp(min=1 / 255))                               # [n, 3, S, S]
+        conc = torch.einsum("nchw,dc->ndhw", od, torch.linalg.inv(m))       # dye amounts
+        a = 1 + (rnd(n, 3) * 2 - 1) * self.stain
+        bias = (rnd(n, 3) * 2 - 1) * self.stain_bias
+        conc = conc * a.view(n, 3, 1, 1) + bias.view(n, 3, 1, 1)
+        od = torch.einsum("ndhw,dc->nchw", conc, m)
+        return torch.exp(-od).clamp(0, 1)
+
+    def _colour(self, y: torch.Tensor, rnd) -> torch.Tensor:
+        n = y.shape[0]
+        g = 1 + (rnd(n, 3) * 2 - 1) * self.gamma                             # colour cast per channel
+        y = y.clamp(min=1e-4) ** g.view(n, 3, 1, 1)
+        y = y * (1 + (rnd(n) * 2 - 1) * self.brightness).view(n, 1, 1, 1)
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = (y - mean) * (1 + (rnd(n) * 2 - 1) * self.contrast).view(n, 1, 1, 1) + mean
+        # hue: rotate the chroma plane of YIQ
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=y.device)
+        q = torch.einsum("nchw,dc->ndhw", y, yiq)
+        ang = (rnd(n) * 2 - 1) * self.hue * 2 * math.pi
+        sat = rnd(n) * (self.saturation[1] - self.saturation[0]) + self.saturation[0]
+        sat = torch.where(rnd(n) < self.p_gray, torch.zeros_like(sat), sat)
+        c, s_ = torch.cos(ang) * sat, torch.sin(ang) * sat
+        i, qq = q[:, 1], q[:, 2]
+        q = torch.stack([q[:, 0], c.view(n, 1, 1) * i - s_.view(n, 1, 1) * qq,
+                         s_.view(n, 1, 1) * i + c.view(n, 1, 1) * qq], 1)
+        return torch.einsum("ndhw,cd->nchw", q, torch.linalg.inv(yiq)).clamp(0, 1)
+
+    def _blur(self, y: torch.Tensor, rnd) -> torch.Tensor:
+        """Per-image Gaussian blur (defocus) as one grouped convolution over the batch."""
+        n, c, h, w = y.shape
+        on = rnd(n) < self.p_blur
+        if not self.p_blur or not on.any():
+            return y
+        sigma = rnd(n) * (self.blur_sigma[1] - self.blur_sigma[0]) + self.blur_sigma[0]
+        sigma = torch.where(on, sigma, torch.full_like(sigma, 1e-3))
+        r = int(math.ceil(3 * self.blur_sigma[1]))
+        t = torch.arange(-r, r + 1, device=y.device, dtype=y.dtype)
+        k = torch.exp(-t.view(1, -1) ** 2 / (2 * sigma.view(-1, 1) ** 2))
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)             # [n*3, 2r+1]
+        z = F.pad(y.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+        z = F.conv2d(z, k.view(n * c, 1, 1, -1), groups=n * c)
+        z = F.conv2d(z, k.view(n * c, 1, -1, 1), groups=n * c)
+        return z.view(n, c, h, w)
+
+    def _lowres(self, y: torch.Tensor, rnd) -> torch.Tensor:
+        """Down-and-up-sampling (a small camera crop enlarged), per image at one of a few sizes."""
+        n, _, h, _ = y.shape
+        on = rnd(n) < self.p_lowres
+        if not self.p_lowres or not on.any():
+            return y
+        y = y.clone()
+        lo, hi = self.lowres
+        side = (rnd(n) * (hi - lo) + lo) * h
+        target = ((side / 8).round() * 8).clamp(min=8).long()  # a few distinct sizes: one resize per size
+        for t in target[on].unique().tolist():
+            sel = on & (target == t)
+            if sel.any():
+                small = F.interpolate(y[sel], size=(t, t), mode="bilinear", antialias=True, align_corners=False)
+                y[sel] = F.interpolate(small, size=(h, h), mode="bilinear", align_corners=False)
+        return y
+
+
+AUGMENTS = {
+    "none": None,
+    "cells": CellAugment(),
+    "dihedral": DihedralAugment(),
+    "robust": RobustAugment(),
+    # Milder and stronger settings of the same, measured against it (benchmarks/tune_cpu_preset.py).
+    "robust_mild": RobustAugment(p_clean=0.5, zoom=(0.4, 1.0), stain=0.15, hue=0.04, saturation=(0.7, 1.3),
+                                 brightness=0.15, contrast=0.15, gamma=0.15, p_gray=0.05, p_blur=0.25,
+                                 p_lowres=0.25, p_noise=0.15),
+    # With --crop cell the framing is already normalised: zoom only a little, degrade resolution more.
+    "robust_cell": RobustAugment(p_clean=0.4, zoom=(0.75, 1.1), shift=0.05, p_blur=0.5, blur_sigma=(0.4, 1.8),
+                                 p_lowres=0.5, p_gray=0.15),
+    "robust_cell_gray": RobustAugment(p_clean=0.4, zoom=(0.75, 1.1), shift=0.05, p_blur=0.5,
+                                      blur_sigma=(0.4, 1.8), p_lowres=0.5, p_gray=0.5),
+    "robust_strong": RobustAugment(p_clean=0.15, zoom=(0.25, 1.0), stain=0.35, hue=0.12, saturation=(0.4, 1.7),
+                                   brightness=0.3, contrast=0.3, gamma=0.35, p_gray=0.15, p_blur=0.45,
+                                   blur_sigma=(0.4, 2.0), p_lowres=0.45, lowres=(0.25, 0.8), p_noise=0.3),
+}
+
+
+def source_scale(augment) -> int:
+    """How much larger than the model input the training cache must be for this augmentation."""
+    return getattr(augment, "source_scale", 1)

@@ -53,7 +53,7 @@ def model_from_checkpoint(ckpt: dict, path: Path | str = "<checkpoint>") -> tupl
         raise CheckpointError(f"{path}: {exc}") from exc
     classes = list(ckpt["classes"])
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    model = create_model(arch, len(classes), prep.mean, prep.std)
+    model = create_model(arch, len(classes), prep.mean, prep.std, prep.input_norm)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

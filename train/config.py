@@ -11,7 +11,7 @@ import yaml
 
 from train.augment import AUGMENTS
 from train.models import ARCHS
-from train.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from train.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_NORMS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class TrainConfig:
     warmup_epochs: int = 5
     label_smoothing: float = 0.0    # the paper: plain cross-entropy
     augment: str = "cells"          # see train.augment.AUGMENTS
+    input_norm: str = "imagenet"    # see train.models.Classifier: imagenet | od_instance | rgb_instance
+    crop: str = "center"            # center: largest centred square; cell: square around the nucleus (any lab's framing)
+    cell_fill: float = 0.55         # crop=cell: the nucleus spans this fraction of the square
     ema_decay: float = 0.0          # 0 disables the weight EMA
     val_fraction: float = 0.1       # the paper's 90/10
     seed: int = 0
@@ -53,6 +56,10 @@ class TrainConfig:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"unknown augment {self.augment!r}; valid: {', '.join(AUGMENTS)}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {self.input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
+        if self.crop not in CROPS:
+            raise ValueError(f"unknown crop {self.crop!r}; valid: {', '.join(CROPS)}")
         if self.optimizer not in ("adamw", "adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: adamw, adam, sgd")
         if self.schedule not in ("cosine", "constant"):
@@ -72,6 +79,10 @@ class TrainConfig:
         from train.data import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --crop -> the Preprocessing resize policy (train/preprocess.py)
+CROPS = {"center": "center_square_crop_then_resize", "cell": "cell_square_crop_then_resize"}
 
 
 # Presets are small dicts of overrides on the dataclass defaults (which are the paper's).

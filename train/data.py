@@ -1,11 +1,13 @@
 """Datasets on disk: reading images, class maps, stratified splits and the in-memory image cache."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import random
+import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -281,13 +283,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------- cache
 
-def _decode_one(args: tuple[str, dict]) -> tuple[np.ndarray | None, str | None]:
-    path, prep = args
+def _decode_one(args: tuple[str, dict, int]) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    path, prep_d, scale = args
     try:
-        img = Preprocessing.from_dict(prep).apply(load_rgb(path))
-        return np.asarray(img, dtype=np.uint8), None
+        rgb = load_rgb(path)
     except BadImageError as exc:
-        return None, exc.reason
+        return None, None, exc.reason
+    prep = Preprocessing.from_dict(prep_d)
+    img = np.asarray(prep.apply(rgb), dtype=np.uint8)
+    src = None
+    if scale > 1:  # the same crop at scale x the input size, for augmentation that zooms in
+        big = dataclasses.replace(prep, input_size=prep.input_size * scale)
+        src = np.asarray(big.apply(rgb), dtype=np.uint8)
+    return img, src, None
 
 
 @dataclass
@@ -296,7 +304,9 @@ class ImageCache:
 
     Decoding a 360 px JPEG costs more than a training step of a small model on 2 cores, so every
     image is decoded and resized exactly once (the deploy-time transform), and augmentation runs
-    on batches of tensors.
+    on batches of tensors. `sources` ([N, kS, kS, 3] uint8, same crop) is there only when an
+    augmentation zooms in (train.augment.source_scale k > 1): zooming into the 1x image would
+    upsample it.
     """
 
     images: np.ndarray
@@ -304,27 +314,50 @@ class ImageCache:
     paths: list[str]
     classes: list[str]
     skipped: list[tuple[str, str]]
+    sources: np.ndarray | None = None
 
     @classmethod
-    def build(cls, samples: Samples, prep: Preprocessing, workers: int = 2) -> "ImageCache":
-        jobs = [(str(samples.root / p), prep.to_dict()) for p in samples.paths]
+    def build(cls, samples: Samples, prep: Preprocessing, workers: int = 2, source_scale: int = 1) -> "ImageCache":
+        jobs = [(str(samples.root / p), prep.to_dict(), source_scale) for p in samples.paths]
+        t0 = time.time()
+        results = []
         if workers > 1 and len(jobs) > 64:
             with ProcessPoolExecutor(max_workers=workers) as ex:
-                results = list(ex.map(_decode_one, jobs, chunksize=64))
+                for i, r in enumerate(ex.map(_decode_one, jobs, chunksize=64)):
+                    results.append(r)
+                    _decode_progress(i + 1, len(jobs), t0)
         else:
-            results = [_decode_one(j) for j in jobs]
-        keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
-        skipped = [(jobs[i][0], results[i][1]) for i in range(len(jobs)) if results[i][0] is None]
+            for i, j in enumerate(jobs):
+                results.append(_decode_one(j))
+                _decode_progress(i + 1, len(jobs), t0)
+        keep = [i for i, r in enumerate(results) if r[0] is not None]
+        skipped = [(jobs[i][0], results[i][2]) for i in range(len(jobs)) if results[i][0] is None]
         for p, why in skipped:
             log.warning("skipped unreadable image %s: %s", p, why)
         if skipped:
             log.warning("%d of %d images skipped as unreadable (listed above)", len(skipped), len(jobs))
         if not keep:
             raise DatasetError(f"{samples.root}: none of the {len(jobs)} images could be decoded")
-        s = prep.input_size
-        images = np.stack([results[i][0] for i in keep]) if keep else np.zeros((0, s, s, 3), np.uint8)
+        images = _stack([results[i][0] for i in keep])
+        sources = _stack([results[i][1] for i in keep]) if source_scale > 1 else None
         return cls(images=images, labels=np.asarray([samples.labels[i] for i in keep], dtype=np.int64),
-                   paths=[samples.paths[i] for i in keep], classes=list(samples.classes), skipped=skipped)
+                   paths=[samples.paths[i] for i in keep], classes=list(samples.classes), skipped=skipped,
+                   sources=sources)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """np.stack without holding the list and the stack at once for long: fill a preallocated array."""
+    out = np.empty((len(arrays), *arrays[0].shape), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _decode_progress(done: int, total: int, t0: float) -> None:
+    """Decoding a large dataset takes minutes: say how far it is, every 10%."""
+    step = max(1, total // 10)
+    if total >= 500 and (done % step == 0 or done == total):
+        log.info("decoding images: %d/%d (%.0f s)", done, total, time.time() - t0)

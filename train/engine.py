@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from train import plots
-from train.augment import AUGMENTS
+from train.augment import AUGMENTS, source_scale
 from train.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_atomic
 from train.config import TrainConfig
 from train.data import ClassMap, ImageCache, Samples, load_split_samples, save_split, scan_dataset, stratified_split
@@ -127,9 +127,9 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, dist: Dist) -> tuple[ImageCach
         train_s, val_s = pick(tr), pick(va)
     log.info("dataset %s: %d images, %d classes: %s", samples.root, len(samples.paths), len(samples.classes),
              ", ".join(f"{k}={v}" for k, v in samples.counts().items()))
-    prep = Preprocessing(cfg.image_size, mean=cfg.mean, std=cfg.std)
+    prep = preprocessing_of(cfg)
     t0 = time.time()
-    train_c = ImageCache.build(train_s, prep, cfg.workers)
+    train_c = ImageCache.build(train_s, prep, cfg.workers, source_scale(AUGMENTS[cfg.augment]))
     val_c = ImageCache.build(val_s, prep, cfg.workers)
     skipped = train_c.skipped + val_c.skipped
     log.info("decoded %d train + %d val images at %d px in %.1fs; %d unreadable skipped",
@@ -137,6 +137,13 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, dist: Dist) -> tuple[ImageCach
     if skipped and dist.main:
         (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
     return train_c, val_c, samples
+
+
+def preprocessing_of(cfg: TrainConfig) -> Preprocessing:
+    from train.config import CROPS
+
+    return Preprocessing(cfg.image_size, mean=cfg.mean, std=cfg.std, input_norm=cfg.input_norm,
+                         resize=CROPS[cfg.crop], cell_fill=cfg.cell_fill)
 
 
 def to_tensor_nchw(images: np.ndarray) -> torch.Tensor:
@@ -203,12 +210,13 @@ def fit(cfg: TrainConfig) -> dict:
 
     train_c, val_c, samples = prepare_data(cfg, run_dir, dist)
     classes = train_c.classes
-    prep = Preprocessing(cfg.image_size, mean=cfg.mean, std=cfg.std)
+    prep = preprocessing_of(cfg)
     train_x, train_y = to_tensor_nchw(train_c.images), torch.from_numpy(train_c.labels)
+    train_src = to_tensor_nchw(train_c.sources) if train_c.sources is not None else None  # [N, 3, kS, kS] uint8
     val_x, val_y = to_tensor_nchw(val_c.images), val_c.labels
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, len(classes), cfg.mean, cfg.std).to(device)
+    model = create_model(cfg.arch, len(classes), cfg.mean, cfg.std, cfg.input_norm).to(device)
     # channels_last is ~1.5x faster for MobileViT's convolutions on x86 CPUs too (measured: benchmarks/train_speed.py)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -271,7 +279,10 @@ def fit(cfg: TrainConfig) -> dict:
                 break
             x = train_x[idx].to(device, non_blocking=True).float().div_(255)  # [B, 3, S, S] float32 in 0..1
             y = train_y[idx].to(device, non_blocking=True)
-            if augment is not None:
+            if train_src is not None:
+                src = train_src[idx].to(device, non_blocking=True).float().div_(255)  # [B, 3, kS, kS] in 0..1
+                x = augment(x, src)
+            elif augment is not None:
                 x = augment(x)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

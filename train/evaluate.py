@@ -18,10 +18,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                   "(default: the run's saved validation split)")
     p.add_argument("--out", help="JSON report path (default: <run-dir>/eval/<data name>.json)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--save-logits", help="also write the logits and labels to this .npz (for calibration studies)")
     return p
 
 
-def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_size: int = 128) -> dict:
+def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_size: int = 128,
+             save_logits: Path | None = None) -> dict:
     import torch
 
     from train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -51,6 +53,12 @@ def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_siz
     cache = ImageCache.build(samples, prep)
     logits = predict_logits(model, to_tensor_nchw(cache.images), torch.device("cpu"), batch=batch_size)
     rep = report(cache.labels, logits.argmax(1).numpy(), classes)
+    if save_logits is not None:
+        import numpy as np
+
+        save_logits.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(save_logits, logits=logits.numpy(), labels=cache.labels, classes=np.asarray(classes),
+                 paths=np.asarray(cache.paths))
     rep.update(source=source, checkpoint=str(checkpoint), arch=ckpt["arch"], epoch=ckpt.get("epoch"),
                skipped=[{"path": p, "reason": r} for p, r in cache.skipped])
     return rep
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("give --checkpoint or --run-dir")
         return 2
     try:
-        rep = evaluate(ckpt, args.data, run_dir, args.batch_size)
+        rep = evaluate(ckpt, args.data, run_dir, args.batch_size,
+                       Path(args.save_logits) if args.save_logits else None)
     except (CheckpointError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
