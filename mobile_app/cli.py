@@ -90,7 +90,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 print(f"{path}\terror: {reason}", flush=True)
             continue
         if args.json:
-            print(json.dumps(pred.to_dict()), flush=True)
+            print(json.dumps({**pred.to_dict(), "provider": getattr(clf.load(), "provider", "")}), flush=True)
         else:
             line = f"{path}\t{pred.label}\t{pred.probability:.4f}"
             print(line + (f"\t{pred.message}" if pred.uncertain else ""), flush=True)
@@ -107,12 +107,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
+    from mobile_app.android_versions import check_for_android
     from mobile_app.manifest import MANIFEST_NAME, load_manifest, verify_artifact
 
     try:
         manifest = load_manifest(args.model_dir)
         artifact = manifest.choose((args.format,), args.format)
         src = verify_artifact(artifact)
+        # refused here, on the desktop, rather than by the phone's runtime after a build and install
+        readable = check_for_android(src, artifact.format)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +130,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         shutil.copy2(src, dest / artifact.file)
     shutil.copy2(manifest.path, dest / MANIFEST_NAME)
     verify_artifact(load_manifest(dest).choose((args.format,), args.format))
-    print(f"bundled {artifact.file} + {MANIFEST_NAME} into {dest}")
+    print(f"bundled {artifact.file} + {MANIFEST_NAME} into {dest}" + (f" ({readable})" if readable else ""))
     return 0
 
 

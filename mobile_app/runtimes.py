@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ class Runtime(Protocol):
     """run(x) takes [1, 3, S, S] float32 RGB in 0..1 and returns [C] float32 (logits or probabilities)."""
 
     name: str
+    provider: str  # what computes inside the runtime: "cpu", "xnnpack", "nnapi", ... (shown with each result)
     output_kind: str  # "logits" | "probabilities"
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
@@ -76,6 +78,7 @@ class OnnxRuntimeDesktop:
             self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except (RuntimeError, ValueError, OSError) as exc:  # onnxruntime's Fail/InvalidProtobuf are RuntimeErrors
             raise RuntimeUnavailableError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+        self.provider = "cpu"  # CPUExecutionProvider, asked for above
         inputs = [i.name for i in self._session.get_inputs()]
         outputs = [o.name for o in self._session.get_outputs()]
         self._input = artifact.input_name if artifact.input_name in inputs else inputs[0]
@@ -114,6 +117,7 @@ class ExecuTorchDesktop:
             raise RuntimeUnavailableError(f"ExecuTorch cannot load {path.name}: {exc}") from exc
         if self._method is None:
             raise RuntimeUnavailableError(f"{path.name} has no 'forward' method")
+        self.provider = pte_delegate(path)
         self.output_kind = artifact.output_kind
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -130,6 +134,24 @@ class ExecuTorchDesktop:
 
 # ----------------------------------------------------------------------------- Android (pyjnius)
 
+# Every Java class the Android runtimes touch, including those pyjnius builds wrappers for when a method
+# returns one (OrtSession, OrtSession$Result, OnnxValue, EValue, ...): pyjnius looks those up with
+# autoclass too, and finds them in its cache only if they were resolved once before.
+ANDROID_JAVA_CLASSES: tuple[str, ...] = (
+    "java.nio.FloatBuffer", "java.util.HashMap",
+    "ai.onnxruntime.OnnxTensor", "ai.onnxruntime.OrtEnvironment", "ai.onnxruntime.OrtSession",
+    "ai.onnxruntime.OrtSession$SessionOptions", "ai.onnxruntime.OrtSession$Result", "ai.onnxruntime.OnnxValue",
+    "org.pytorch.executorch.Tensor", "org.pytorch.executorch.EValue", "org.pytorch.executorch.Module",
+)
+BUILD_VERSION_CLASS = "android.os.Build$VERSION"
+ORT_PROVIDER_ENV = "CELLVIT_ORT_PROVIDER"  # "xnnpack" (default), "cpu", or "nnapi" (opt-in only)
+ORT_PROVIDERS = ("xnnpack", "cpu", "nnapi")
+
+
+class JavaClassMissingError(LookupError):
+    """A Java class was not found when the classes were resolved at start-up (its AAR is not in the build)."""
+
+
 def _jnius() -> SimpleNamespace:
     try:
         from jnius import JavaException, autoclass, cast
@@ -139,35 +161,138 @@ def _jnius() -> SimpleNamespace:
     return SimpleNamespace(autoclass=autoclass, cast=cast, JavaException=JavaException)
 
 
-def _java_errors(jni: SimpleNamespace) -> tuple[type[BaseException], ...]:
+class JavaClasses:
+    """Java classes resolved once, on the main thread; the runtimes take classes from here, never from autoclass.
+
+    python-for-android's pyjnius finds classes from the app's Gradle dependencies (the ONNX Runtime and
+    ExecuTorch AARs) only on the main thread: a Python thread attached to the JVM gets the system class
+    loader, and `autoclass` there fails with ClassNotFoundException. The model is loaded and run on a
+    worker thread, so everything it needs is looked up here first; pyjnius caches each class, which
+    also covers the wrappers it makes for returned objects.
+    """
+
+    def __init__(self, classes: dict[str, Any], missing: dict[str, str], cast: Callable[[Any, Any], Any],
+                 java_exception: type[BaseException], sdk_int: int = 0):
+        self.classes, self.missing = classes, missing
+        self.cast = cast
+        self.JavaException = java_exception
+        self.sdk_int = sdk_int  # android.os.Build.VERSION.SDK_INT; 0 where unknown
+
+    def get(self, name: str) -> Any:
+        if name in self.classes:
+            return self.classes[name]
+        reason = self.missing.get(name, "not resolved at start-up")
+        raise JavaClassMissingError(f"Java class {name} is not available ({reason})")
+
+
+def resolve_java_classes(jni: SimpleNamespace | None = None,
+                         names: tuple[str, ...] = ANDROID_JAVA_CLASSES) -> JavaClasses:
+    """Look up every Java class the app needs; call on the main thread (App start-up). Missing ones are noted."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("resolving Java classes off the main thread: classes from the app's AARs may not be found")
+    jni = jni or _jnius()
+    classes: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for name in names:
+        try:
+            classes[name] = jni.autoclass(name)
+        except jni.JavaException as exc:  # ClassNotFoundException: that AAR is not in this build
+            missing[name] = str(exc)
+    sdk_int = 0
+    try:
+        sdk_int = int(jni.autoclass(BUILD_VERSION_CLASS).SDK_INT)
+    except (jni.JavaException, AttributeError, TypeError, ValueError) as exc:
+        log.warning("cannot read the Android API level: %s", exc)
+    if missing:
+        log.warning("Java classes not in this build: %s", ", ".join(sorted(missing)))
+    log.info("resolved %d Java classes on %s; Android API level %s", len(classes),
+             threading.current_thread().name, sdk_int or "unknown")
+    return JavaClasses(classes, missing, jni.cast, jni.JavaException, sdk_int)
+
+
+def _java_classes(bridge: Any) -> JavaClasses:
+    """`bridge` as resolved classes: as given, or resolved now from a pyjnius-like bridge (tests, CLI)."""
+    if isinstance(bridge, JavaClasses):
+        return bridge
+    return resolve_java_classes(bridge)
+
+
+def _java_errors(jc: JavaClasses) -> tuple[type[BaseException], ...]:
     """What a Java call can raise through pyjnius: JavaException (Java threw) and its own conversion errors."""
-    return (jni.JavaException, TypeError, ValueError)
+    return (jc.JavaException, TypeError, ValueError, JavaClassMissingError)
+
+
+def ort_provider_choice() -> str:
+    """The ONNX Runtime execution provider asked for: $CELLVIT_ORT_PROVIDER, else XNNPACK (falls back to CPU).
+
+    NNAPI is opt-in only: Android deprecates it from Android 15, and its drivers gave wrong outputs on
+    some phones, which a lab app must not risk silently.
+    """
+    choice = os.environ.get(ORT_PROVIDER_ENV, "xnnpack").strip().lower() or "xnnpack"
+    if choice not in ORT_PROVIDERS:
+        log.warning("%s=%r is unknown (use one of %s): using xnnpack", ORT_PROVIDER_ENV, choice,
+                    ", ".join(ORT_PROVIDERS))
+        return "xnnpack"
+    return choice
 
 
 class OrtAndroid:
     """ONNX Runtime Android (com.microsoft.onnxruntime:onnxruntime-android) through pyjnius.
 
-    Java: env = OrtEnvironment.getEnvironment(); session = env.createSession(path);
+    Java: env = OrtEnvironment.getEnvironment(); opts = new OrtSession.SessionOptions(); opts.addXnnpack(Map)
+    (or addNnapi(), or nothing: CPU); session = env.createSession(path, opts);
     tensor = OnnxTensor.createTensor(env, FloatBuffer.wrap(float[]), long[] shape);
     result = session.run(Map{input: tensor}); ((OnnxTensor) result.get(0)).getFloatBuffer().
     """
 
     name = "onnxruntime-android"
 
-    def __init__(self, path: Path, artifact: Artifact, jni: SimpleNamespace | None = None):
-        self._jni = jni or _jnius()
-        ac = self._jni.autoclass
-        self._errors = _java_errors(self._jni)
+    def __init__(self, path: Path, artifact: Artifact, jni: Any = None, provider: str | None = None):
+        self._jc = _java_classes(jni)
+        self._errors = _java_errors(self._jc)
+        self._session = self._options = None
         try:
-            self._FloatBuffer = ac("java.nio.FloatBuffer")
-            self._HashMap = ac("java.util.HashMap")
-            self._OnnxTensor = ac("ai.onnxruntime.OnnxTensor")
-            self._env = ac("ai.onnxruntime.OrtEnvironment").getEnvironment()
-            self._session = self._env.createSession(str(path))
+            self._FloatBuffer = self._jc.get("java.nio.FloatBuffer")
+            self._HashMap = self._jc.get("java.util.HashMap")
+            self._OnnxTensor = self._jc.get("ai.onnxruntime.OnnxTensor")
+            self._SessionOptions = self._jc.get("ai.onnxruntime.OrtSession$SessionOptions")
+            self._env = self._jc.get("ai.onnxruntime.OrtEnvironment").getEnvironment()
         except self._errors as exc:
             raise RuntimeUnavailableError(f"ONNX Runtime Android cannot load {Path(path).name}: {exc}") from exc
+        wanted = provider or ort_provider_choice()
+        for choice in dict.fromkeys((wanted, "cpu")):  # the asked-for provider, then plain CPU
+            try:
+                self._session, self._options = self._open(str(path), choice)
+            except self._errors as exc:
+                if choice == "cpu":
+                    raise RuntimeUnavailableError(
+                        f"ONNX Runtime Android cannot load {Path(path).name}: {exc}") from exc
+                log.warning("ONNX Runtime Android: the %s provider failed (%s); using the CPU provider", choice, exc)
+                continue
+            self.provider = choice
+            break
+        log.info("ONNX Runtime Android runs %s on the %s provider", Path(path).name, self.provider)
         self._input = artifact.input_name
         self.output_kind = artifact.output_kind
+
+    def _open(self, path: str, provider: str) -> tuple[Any, Any]:
+        opts = self._SessionOptions()
+        try:
+            if provider == "xnnpack":
+                # ONNX Runtime's advice for XNNPACK: its own thread pool does the work, ORT's stays at 1 and
+                # does not spin, so the two pools do not fight over the cores.
+                threads = str(max(1, min(4, os.cpu_count() or 1)))
+                xnn = self._HashMap()
+                xnn.put("intra_op_num_threads", threads)
+                opts.addConfigEntry("session.intra_op.allow_spinning", "0")
+                opts.setIntraOpNumThreads(1)
+                opts.addXnnpack(xnn)
+            elif provider == "nnapi":
+                opts.addNnapi()
+            return self._env.createSession(path, opts), opts
+        except self._errors:
+            opts.close()
+            raise
 
     def run(self, x: np.ndarray) -> np.ndarray:
         x = _check_input(x)  # [1, 3, S, S] float32 in 0..1
@@ -178,7 +303,8 @@ class OrtAndroid:
             feeds = self._HashMap()
             feeds.put(self._input, tensor)
             result = self._session.run(feeds)
-            out = self._jni.cast("ai.onnxruntime.OnnxTensor", result.get(0))  # [1, C] float32
+            # cast with the class object: cast("name", ...) would call autoclass on this worker thread
+            out = self._jc.cast(self._OnnxTensor, result.get(0))  # [1, C] float32
             fb = out.getFloatBuffer()
             logits = [fb.get(i) for i in range(fb.capacity())]
         except self._errors as exc:
@@ -194,6 +320,9 @@ class OrtAndroid:
         if self._session is not None:
             self._session.close()
             self._session = None
+        if self._options is not None:  # only after the session: it uses the options until closed
+            self._options.close()
+            self._options = None
 
 
 class ExecuTorchAndroid:
@@ -207,16 +336,16 @@ class ExecuTorchAndroid:
 
     name = "executorch-android"
 
-    def __init__(self, path: Path, artifact: Artifact, jni: SimpleNamespace | None = None):
-        self._jni = jni or _jnius()
-        ac = self._jni.autoclass
-        self._errors = _java_errors(self._jni)
+    def __init__(self, path: Path, artifact: Artifact, jni: Any = None):
+        self._jc = _java_classes(jni)
+        self._errors = _java_errors(self._jc)
         try:
-            self._Tensor = ac("org.pytorch.executorch.Tensor")
-            self._EValue = ac("org.pytorch.executorch.EValue")
-            self._module = ac("org.pytorch.executorch.Module").load(str(path))
+            self._Tensor = self._jc.get("org.pytorch.executorch.Tensor")
+            self._EValue = self._jc.get("org.pytorch.executorch.EValue")
+            self._module = self._jc.get("org.pytorch.executorch.Module").load(str(path))
         except self._errors as exc:
             raise RuntimeUnavailableError(f"ExecuTorch Android cannot load {Path(path).name}: {exc}") from exc
+        self.provider = pte_delegate(path)  # the delegate is chosen at export, inside the .pte
         self.output_kind = artifact.output_kind
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -238,6 +367,15 @@ class ExecuTorchAndroid:
         if self._module is not None:
             self._module.destroy()
             self._module = None
+
+
+def pte_delegate(path: Path | str) -> str:
+    """'xnnpack' if the .pte delegates to XNNPACK (its backend id is stored in the program), else 'portable'."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return "unknown"
+    return "xnnpack" if b"XnnpackBackend" in data else "portable"
 
 
 # ----------------------------------------------------------------------------- iOS (pyobjus)
@@ -284,6 +422,7 @@ class CoreMLRuntime:
         self._classes, self._size = list(classes), size
         self._input, self._output = artifact.input_name, artifact.output_name
         self._tmp = Path(tempfile.mkdtemp(prefix="cellvit-coreml-"))
+        self.provider = "coreml"  # Core ML itself picks CPU, GPU or Neural Engine
         self.output_kind = "probabilities"
 
     def run(self, x: np.ndarray) -> np.ndarray:

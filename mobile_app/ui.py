@@ -24,10 +24,10 @@ from kivy.uix.image import Image as KivyImage
 from kivy.uix.popup import Popup
 from kivy.uix.screenmanager import Screen
 
-from mobile_app import __version__, imaging
+from mobile_app import __version__, imaging, phone
 from mobile_app.classifier import UNCERTAIN_MESSAGE, CellClassifier, Prediction
-from mobile_app.errors import AppError, BadImageError, ModelError
-from mobile_app.runtimes import detect_platform
+from mobile_app.errors import AppError, BadImageError, ModelError, RuntimeUnavailableError
+from mobile_app.runtimes import JavaClasses, detect_platform, resolve_java_classes
 from mobile_app.tally import TALLY_NAME, DifferentialCount, TallyError
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class CellClassifierApp(App):
     title = "Cell classifier (research use only)"
     model_state = StringProperty("loading")  # loading | ready | error
     model_name = StringProperty("")
+    model_provider = StringProperty("")  # what computes inside the runtime: cpu, xnnpack, nnapi, coreml, ...
     model_error = StringProperty("")
     status = StringProperty("Loading model…")
     status_level = StringProperty("info")  # info | warning | error
@@ -156,7 +157,11 @@ class CellClassifierApp(App):
         self.timing: dict[str, float] = {}  # seconds since launch: window up, model ready
         self.platform_name = detect_platform()
         self.is_phone = self.platform_name in ("android", "ios")
-        self.classifier = CellClassifier(model_dir, fmt=fmt, platform=self.platform_name, keep_display=True)
+        # Java classes are looked up here, on the main thread, and handed to the runtimes that the worker
+        # thread starts: pyjnius off the main thread cannot find the classes of the app's AARs.
+        self.java: JavaClasses | None = self._resolve_java() if self.platform_name == "android" else None
+        self.classifier = CellClassifier(model_dir, fmt=fmt, platform=self.platform_name, bridge=self.java,
+                                         keep_display=True)
         self._data_dir_arg = data_dir
         self._script_path, self._result_path = script, result_path
         self._executor: ThreadPoolExecutor | None = None
@@ -205,7 +210,16 @@ class CellClassifierApp(App):
     def on_pause(self) -> bool:  # Android: keep running in the background (the count is saved anyway)
         return True
 
+    @staticmethod
+    def _resolve_java() -> JavaClasses | None:
+        try:
+            return resolve_java_classes()
+        except RuntimeUnavailableError as exc:  # no pyjnius: loading the model will say so on screen
+            log.error("%s", exc)
+            return None
+
     def _setup_phone(self) -> None:
+        """Permissions are asked for when the gallery or camera is first opened, not here."""
         if not self.is_phone:
             return
         try:
@@ -213,13 +227,37 @@ class CellClassifierApp(App):
             self.camera_available = True
         except ImportError:
             self.camera_available = False
-        if self.platform_name == "android":
-            try:
-                from android.permissions import Permission, request_permissions
 
-                request_permissions([Permission.CAMERA, Permission.READ_EXTERNAL_STORAGE])
-            except ImportError:
-                log.warning("android.permissions unavailable: not asking for camera/storage permission")
+    def _with_permissions(self, permissions: list[str], then: Callable[[], None]) -> None:
+        """Run `then` once Android has granted `permissions` (asking the user if needed); else say what to do."""
+        if self.platform_name != "android":
+            then()
+            return
+        try:
+            from android.permissions import check_permission, request_permissions
+        except ImportError:  # not a python-for-android build: nothing to ask
+            log.warning("android.permissions unavailable: not asking for %s", ", ".join(permissions))
+            then()
+            return
+
+        def answered(granted_for: list[str], grants: list[bool]) -> None:  # runs on Android's UI thread
+            Clock.schedule_once(lambda _dt: self._permissions_answered(permissions, granted_for, grants, then), 0)
+
+        try:
+            if all(check_permission(p) for p in permissions):
+                then()
+                return
+            request_permissions(permissions, answered)
+        except phone.platform_errors() as exc:
+            self.set_status(f"Could not ask for permission ({exc}). {phone.refused_message(permissions)}", "error")
+
+    def _permissions_answered(self, permissions: list[str], granted_for: list[str], grants: list[bool],
+                              then: Callable[[], None]) -> None:
+        answer = dict(zip(granted_for, grants))
+        if all(answer.get(p) for p in permissions):
+            then()
+        else:
+            self.set_status(phone.refused_message(permissions), "warning")
 
     # ------------------------------------------------------------------ worker thread
 
@@ -252,11 +290,13 @@ class CellClassifierApp(App):
         self.status, self.status_level = text, level
         (log.warning if level != "info" else log.info)("status: %s", text)
 
-    def _model_ready(self, _runtime: Any) -> None:
+    def _model_ready(self, runtime: Any) -> None:
         self.timing["model_ready_s"] = round(time.perf_counter() - self._t0, 3)
         art = self.classifier.artifact
         self.model_state = "ready"
-        self.model_name = f"{art.file} ({self.classifier.runtime_name})" if art else ""
+        self.model_provider = str(getattr(runtime, "provider", ""))
+        provider = f", {self.model_provider}" if self.model_provider else ""
+        self.model_name = f"{art.file} ({self.classifier.runtime_name}{provider})" if art else ""
         if self.tally is not None:
             self.tally.classes = list(self.classifier.manifest.classes)
             self._refresh_tally()
@@ -294,8 +334,9 @@ class CellClassifierApp(App):
         values = [p for _, p in pred.top] + [0.0] * 3
         self.top_labels, self.top_values = labels[:3], values[:3]
         w, h = pred.image_size
+        provider = f" ({self.model_provider})" if self.model_provider else ""
         self.result_info = (f"inference {pred.inference_ms:.1f} ms (total {pred.total_ms:.0f} ms) · "
-                            f"{pred.runtime} · {w}x{h} px")
+                            f"{pred.runtime}{provider} · {w}x{h} px")
         if pred.uncertain:
             self.set_status(f"{Path(pred.path).name}: {pred.label} {pred.probability:.0%} — {UNCERTAIN_MESSAGE}",
                             "warning")
@@ -430,6 +471,8 @@ class CellClassifierApp(App):
                 return Path(primary_external_storage_path()) / "Documents" / "cellvit"
             except ImportError:
                 log.warning("android.storage unavailable: exporting into the app's private folder")
+            except phone.platform_errors() as exc:  # a Java exception from the storage lookup
+                log.warning("shared storage unavailable (%s): exporting into the app's private folder", exc)
         return self.data_dir / "exports"
 
     def _refresh_tally(self) -> None:
@@ -465,46 +508,60 @@ class CellClassifierApp(App):
         self._choose(multiple=True, on_choose=self.count_add)
 
     def _choose(self, multiple: bool, on_choose: Callable[[list[Path]], None]) -> None:
-        if self.is_phone and self._system_picker(multiple, on_choose):
+        if self.is_phone:
+            perms = phone.photo_permissions(self.java.sdk_int if self.java else 0)
+            self._with_permissions(perms, lambda: self._open_gallery(multiple, on_choose))
             return
+        self._open_chooser(multiple, on_choose)
+
+    def _open_chooser(self, multiple: bool, on_choose: Callable[[list[Path]], None]) -> None:
         ChooserPopup(title="Choose a folder or photos" if multiple else "Choose a cell photo",
                      multiple=multiple, start_path=self._last_folder, chosen_action=on_choose).open()
 
-    def _system_picker(self, multiple: bool, on_choose: Callable[[list[Path]], None]) -> bool:
-        """Gallery picker through plyer; False (use Kivy's chooser) where plyer cannot."""
+    def _open_gallery(self, multiple: bool, on_choose: Callable[[list[Path]], None]) -> None:
+        """The system gallery through plyer; Kivy's own chooser where plyer has none; a message if it fails."""
         try:
             from plyer import filechooser
         except ImportError:
-            return False
+            self._open_chooser(multiple, on_choose)
+            return
 
-        def picked(selection: list[str] | None) -> None:  # plyer may call this from another thread
-            if selection:
-                Clock.schedule_once(lambda _dt: on_choose([Path(s) for s in selection]), 0)
+        def picked(selection: list[str | None] | None) -> None:  # plyer calls this from Android's UI thread
+            # plyer gives None for a picked item it could not turn into a file path (a cloud-only photo)
+            paths = [Path(s) for s in (selection or []) if s]
+            if paths:
+                Clock.schedule_once(lambda _dt: on_choose(paths), 0)
+            elif selection:
+                Clock.schedule_once(lambda _dt: self.set_status(
+                    "The chosen photo could not be opened as a file: save it to the phone first", "warning"), 0)
 
         try:
-            filechooser.open_file(on_selection=picked, multiple=multiple,
-                                  filters=[["Images", *CHOOSER_FILTERS]])
+            filechooser.open_file(on_selection=picked, multiple=multiple, filters=[["Images", *CHOOSER_FILTERS]])
         except NotImplementedError:
-            return False
-        return True
+            self._open_chooser(multiple, on_choose)
+        except phone.platform_errors() as exc:
+            self.set_status(f"Gallery unavailable: {exc}", "error")
 
     def take_photo(self) -> None:
+        self._with_permissions([phone.CAMERA], self._open_camera)
+
+    def _open_camera(self) -> None:
         try:
             from plyer import camera
         except ImportError:
             self.set_status("No camera support on this device", "warning")
             return
-        target = self.data_dir / "camera" / f"cell-{time.strftime('%Y%m%d-%H%M%S')}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
 
-        def done(path: str) -> bool:
+        def done(path: str) -> bool:  # plyer calls this from Android's UI thread
             Clock.schedule_once(lambda _dt: self.open_photo(path), 0)
             return False
 
         try:
+            target = self.data_dir / "camera" / f"cell-{time.strftime('%Y%m%d-%H%M%S')}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
             camera.take_picture(filename=str(target), on_complete=done)
-        except (NotImplementedError, OSError) as exc:
-            self.set_status(f"Camera unavailable: {exc}", "warning")
+        except phone.platform_errors() as exc:
+            self.set_status(f"Camera unavailable: {exc}. The gallery still works.", "warning")
 
     # ------------------------------------------------------------------ about
 
@@ -564,6 +621,7 @@ class CellClassifierApp(App):
         return {
             "screen": self.root.ids.sm.current if self.root else "",
             "model_state": self.model_state, "model_name": self.model_name, "model_error": self.model_error,
+            "provider": self.model_provider,
             "status": self.status, "status_level": self.status_level, "pending": self.pending,
             "photo": self.photo_name, "label": self.result_label,
             "probability": round(float(self.result_probability), 6), "uncertain": self.result_uncertain,

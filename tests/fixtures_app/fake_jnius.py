@@ -4,11 +4,14 @@ Only what the app calls is implemented, with the Java signatures' checks (float[
 long[] ints, fromBlob(FloatBuffer) a direct buffer of numel capacity, Result.get(i) typed as the
 OnnxValue interface so a cast to OnnxTensor is needed, ...). Numbers come from the real desktop
 engines (onnxruntime, executorch's Python runtime) run on the same model file, so the Android call
-sequence is checked end to end. Every Java call is appended to `calls`.
+sequence is checked end to end. Every Java call is appended to `calls`, and every `autoclass` call to
+`autoclass_threads` with the Python thread it ran on (python-for-android's pyjnius cannot find AAR
+classes off the main thread, so the app must resolve them all on it).
 """
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,10 +38,15 @@ def _long_array(values: Any, what: str) -> list[int]:
 class FakeJVM:
     """Holds the fake classes and the call log; pass `bridge()` where the app expects pyjnius."""
 
-    def __init__(self, missing: tuple[str, ...] = ()) -> None:
-        """`missing`: Java classes absent from the build (as when an AAR was left out)."""
+    def __init__(self, missing: tuple[str, ...] = (), sdk_int: int = 34,
+                 failing_providers: tuple[str, ...] = ()) -> None:
+        """`missing`: Java classes absent from the build (as when an AAR was left out); `sdk_int`: the
+        phone's API level; `failing_providers`: execution providers whose SessionOptions.addX throws
+        (as in an onnxruntime-android build without them)."""
         self.calls: list[str] = []
         self.closed: list[str] = []
+        self.autoclass_threads: list[tuple[str, threading.Thread]] = []
+        self.sessions: list[Any] = []  # every OrtSession created, with the providers it was given
         self.missing = missing
         jvm = self
 
@@ -171,6 +179,49 @@ class FakeJVM:
             def close(self) -> None:
                 jvm.closed.append("OrtSession")
 
+        class SessionOptions:  # OrtSession$SessionOptions
+            def __init__(self) -> None:
+                jvm.calls.append("SessionOptions.<init>")
+                self.providers: list[str] = []
+                self.config: dict[str, str] = {}
+                self.intra_op_threads = 0
+                self._closed = False
+
+            def addConfigEntry(self, key: str, value: str) -> None:  # noqa: N802
+                jvm.calls.append("SessionOptions.addConfigEntry")
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise TypeError("addConfigEntry(String, String)")
+                self.config[key] = value
+
+            def setIntraOpNumThreads(self, n: int) -> None:  # noqa: N802
+                jvm.calls.append("SessionOptions.setIntraOpNumThreads")
+                if not isinstance(n, int):
+                    raise TypeError("setIntraOpNumThreads(int)")
+                self.intra_op_threads = n
+
+            def addXnnpack(self, options: Any) -> None:  # noqa: N802
+                jvm.calls.append("SessionOptions.addXnnpack")
+                if not isinstance(options, HashMap) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in options.entries().items()):
+                    raise TypeError("addXnnpack(Map<String, String>)")
+                self._add("xnnpack")
+
+            def addNnapi(self) -> None:  # noqa: N802
+                jvm.calls.append("SessionOptions.addNnapi")
+                self._add("nnapi")
+
+            def _add(self, provider: str) -> None:
+                if self._closed:
+                    raise JavaException("java.lang.IllegalStateException: Trying to use a closed SessionOptions")
+                if provider in failing_providers:
+                    raise JavaException(f"ai.onnxruntime.OrtException: {provider} execution provider is not "
+                                        f"supported in this build")
+                self.providers.append(provider)
+
+            def close(self) -> None:
+                jvm.closed.append("SessionOptions")
+                self._closed = True
+
         class OrtEnvironment:
             _instance: OrtEnvironment | None = None
 
@@ -183,9 +234,14 @@ class FakeJVM:
 
             def createSession(self, path: str, *options: Any) -> OrtSession:  # noqa: N802
                 jvm.calls.append("OrtEnvironment.createSession")
-                if not isinstance(path, str):
-                    raise TypeError("createSession(String modelPath)")
-                return OrtSession(path)
+                if not isinstance(path, str) or len(options) > 1 or not all(
+                        isinstance(o, SessionOptions) for o in options):
+                    raise TypeError("createSession(String modelPath[, SessionOptions options])")
+                session = OrtSession(path)  # numbers from the desktop CPU provider, whatever was asked for
+                session.providers = list(options[0].providers) if options else []
+                session.thread = threading.current_thread()
+                jvm.sessions.append(session)
+                return session
 
         # ------------------------------------------------------------ org.pytorch.executorch
 
@@ -278,26 +334,41 @@ class FakeJVM:
             "java.util.HashMap": HashMap,
             "ai.onnxruntime.OrtEnvironment": OrtEnvironment,
             "ai.onnxruntime.OrtSession": OrtSession,
+            "ai.onnxruntime.OrtSession$SessionOptions": SessionOptions,
             "ai.onnxruntime.OrtSession$Result": Result,
             "ai.onnxruntime.OnnxTensor": OnnxTensor,
             "ai.onnxruntime.OnnxValue": OnnxValue,
             "org.pytorch.executorch.Module": Module,
             "org.pytorch.executorch.Tensor": Tensor,
             "org.pytorch.executorch.EValue": EValue,
+            "android.os.Build$VERSION": SimpleNamespace(SDK_INT=sdk_int),
         }
 
     def autoclass(self, name: str) -> Any:
+        self.autoclass_threads.append((name, threading.current_thread()))
         if name not in self.classes or name in self.missing:
             raise JavaException(f"java.lang.ClassNotFoundException: {name}")
         self.calls.append(f"autoclass {name}")
         return self.classes[name]
 
-    def cast(self, name: str, obj: Any) -> Any:
+    def cast(self, destclass: Any, obj: Any) -> Any:
+        """pyjnius' cast: a class name (pyjnius then calls autoclass itself) or a class object."""
+        if isinstance(destclass, str):
+            cls = self.autoclass(destclass)
+            name = destclass
+        else:
+            cls = destclass
+            name = next(n for n, c in self.classes.items() if c is destclass)
         self.calls.append(f"cast {name}")
         target = getattr(obj, "_target", obj)
-        if not isinstance(target, self.classes[name]):
+        if not isinstance(target, cls):
             raise JavaException(f"java.lang.ClassCastException: {type(target).__name__} -> {name}")
         return target
+
+    def off_main_thread(self) -> list[tuple[str, str]]:
+        """The autoclass calls made on a thread other than the main one: (class, thread name)."""
+        main = threading.main_thread()
+        return [(name, t.name) for name, t in self.autoclass_threads if t is not main]
 
     def bridge(self) -> SimpleNamespace:
         return SimpleNamespace(autoclass=self.autoclass, cast=self.cast, JavaException=JavaException)
