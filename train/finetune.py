@@ -1,0 +1,238 @@
+"""`python -m train.finetune`: adapt a trained checkpoint to a new lab's pictures from a few labelled cells.
+
+A lab's own scanner, camera and stain differ from the training lab's (see README "Cells from other
+labs"); a few labelled cells of its own fix most of that. This starts from a run's best.pt, maps the
+new folder's classes onto the checkpoint's (by name, or through --class-map; a class the checkpoint
+does not know gets a new output), trains the whole network briefly, and writes an ordinary run
+folder (best.pt, config.yaml, split.json, finetune.json), so `make export` and `make verify` work on
+it as on any run.
+
+With --shots K the folder is split as in the benchmark: K random images per class to train on (all
+of a class that has K or fewer), the rest held out and reported; nothing is selected on the held-out
+images (the final epoch is kept). Without --shots, a stratified 80/20 split.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class FinetuneConfig:
+    from_run: str = ""          # a run folder (its best.pt) or a checkpoint file
+    data: str = ""              # the new lab's labelled folder (class folders) or .zip
+    run_dir: str = ""           # output run folder
+    class_map: str = ""         # map the folder names onto the checkpoint's classes (train/classmaps)
+    shots: int = 0              # >0: train on K images per class, hold out the rest
+    val_fraction: float = 0.2   # shots == 0: held-out share per class
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3            # half the from-scratch rate, no warm-up: the features are kept, the stain is learnt
+    weight_decay: float = 0.01
+    augment: str = "dihedral"   # lossless: a few real cells of the new lab need no simulated other labs
+    seed: int = 0
+    threads: int = 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    d = FinetuneConfig()
+    p.add_argument("--from", dest="from_run", required=True, help="trained run folder or checkpoint (best.pt)")
+    p.add_argument("--data", required=True, help="the new lab's labelled folder of class folders (or .zip)")
+    p.add_argument("--run-dir", required=True, help="output run folder (runs/<name>)")
+    p.add_argument("--class-map", default="", help="YAML/JSON class map onto the checkpoint's classes")
+    p.add_argument("--shots", type=int, default=d.shots, help="images per class to train on; the rest are held "
+                   "out (default 0: a stratified split with --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help=f"default {d.val_fraction}")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    p.add_argument("--augment", default=d.augment, help=f"default {d.augment} (train.augment.AUGMENTS)")
+    p.add_argument("--seed", type=int, default=d.seed, help="which random images are the shots (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p
+
+
+def shot_split(labels: list[int], shots: int, seed: int) -> tuple[list[int], list[int]]:
+    """K random indices per class to train on (all of a class with <= K), the rest held out."""
+    train_idx, held = [], []
+    arr = np.asarray(labels)
+    for c in np.unique(arr):
+        idx = np.flatnonzero(arr == c).tolist()
+        random.Random(seed * 7919 + int(c)).shuffle(idx)
+        train_idx += idx[:shots]
+        held += idx[shots:]
+    return sorted(train_idx), sorted(held)
+
+
+def widen_head(model, old: int, new: int) -> None:
+    """Give the classifier `new` outputs, keeping the first `old` rows' weights (new rows start small)."""
+    import torch
+    from torch import nn
+
+    last = None
+    for name, mod in model.backbone.named_modules():
+        if isinstance(mod, nn.Linear) and mod.out_features == old:
+            last = (name, mod)
+    if last is None:
+        raise ValueError(f"cannot find the {old}-output classifier layer to widen")
+    name, lin = last
+    wide = nn.Linear(lin.in_features, new, bias=lin.bias is not None)
+    with torch.no_grad():
+        wide.weight.mul_(0.1)
+        wide.weight[:old] = lin.weight
+        if lin.bias is not None:
+            wide.bias.zero_()
+            wide.bias[:old] = lin.bias
+    parent = model.backbone.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model.backbone
+    setattr(parent, name.rsplit(".", 1)[-1], wide)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from train.augment import AUGMENTS, source_scale
+    from train.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint, save_atomic
+    from train.data import ClassMap, DatasetError, ImageCache, Samples, atomic_write_text, save_split, scan_dataset
+    from train.engine import predict_logits, setup_logging, to_tensor_nchw
+    from train.metrics import format_report, report
+
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "best.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run (best.pt); choose another RUN name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    src = Path(cfg.from_run)
+    ckpt_path = src / "best.pt" if src.is_dir() else src
+    ckpt = load_checkpoint(ckpt_path)
+    model, prep, classes = model_from_checkpoint(ckpt, ckpt_path)
+    base_cfg = dict(ckpt.get("config") or {})
+
+    samples = scan_dataset(cfg.data, ClassMap.load(cfg.class_map or None), seed=cfg.seed)
+    new = [c for c in samples.classes if c not in classes]
+    all_classes = classes + new
+    if new:
+        log.info("classes the checkpoint does not know get new outputs: %s", ", ".join(new))
+        widen_head(model, len(classes), len(all_classes))
+    missing = [c for c in classes if c not in samples.classes]
+    if missing:
+        log.info("%s has no images of %s: those outputs are kept but not trained further", cfg.data, ", ".join(missing))
+    labels = [all_classes.index(samples.classes[i]) for i in samples.labels]
+    samples = Samples(samples.root, samples.paths, labels, all_classes)
+    if cfg.shots > 0:
+        tr, va = shot_split(labels, cfg.shots, cfg.seed)
+    else:
+        from train.data import stratified_split
+
+        tr, va = stratified_split(labels, cfg.val_fraction, cfg.seed)
+    if not tr:
+        raise DatasetError(f"{cfg.data}: no images to fine-tune on")
+    save_split(run_dir / "split.json", samples, tr, va, cfg.seed, cfg.val_fraction if cfg.shots <= 0 else 0.0)
+    pick = lambda idx: Samples(samples.root, [samples.paths[i] for i in idx],  # noqa: E731
+                               [samples.labels[i] for i in idx], all_classes)
+    augment_name = cfg.augment or base_cfg.get("augment", "dihedral")
+    if augment_name not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment_name!r}; valid: {', '.join(AUGMENTS)}")
+    augment = AUGMENTS[augment_name]
+    train_c = ImageCache.build(pick(tr), prep, 1, source_scale(augment))
+    val_c = ImageCache.build(pick(va), prep, 1) if va else None
+    log.info("fine-tuning %s (%s) on %d images of %s (%s); %d held out", ckpt_path, ckpt["arch"], len(train_c),
+             cfg.data, ", ".join(f"{c}={int((train_c.labels == i).sum())}" for i, c in enumerate(all_classes)
+                                 if (train_c.labels == i).any()), len(va))
+
+    torch.manual_seed(cfg.seed)
+    x_all, y_all = to_tensor_nchw(train_c.images), torch.from_numpy(train_c.labels)
+    src_all = to_tensor_nchw(train_c.sources) if train_c.sources is not None else None
+    # class-balanced draws: a new lab's few cells are as imbalanced as its slides
+    w = 1.0 / np.bincount(train_c.labels, minlength=len(all_classes))[train_c.labels]
+    steps_per_epoch = max(1, math.ceil(len(train_c) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    smoothing = float(base_cfg.get("label_smoothing", 0.0))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        idx = torch.multinomial(torch.as_tensor(w), steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
+        loss_sum = 0.0
+        for s in range(steps_per_epoch):
+            b = idx[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            x = x_all[b].float().div_(255)  # [B, 3, S, S] float32 in 0..1
+            if src_all is not None:
+                x = augment(x, src_all[b].float().div_(255), generator=gen)
+            elif augment is not None:
+                x = augment(x, generator=gen)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y_all[b],
+                                   label_smoothing=smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+        log.info("finetune epoch %d/%d  train loss %.4f", epoch, cfg.epochs, loss_sum / steps_per_epoch)
+    model.eval()
+    rep = None
+    if val_c is not None and len(val_c):
+        logits = predict_logits(model, to_tensor_nchw(val_c.images), torch.device("cpu"))
+        rep = report(val_c.labels, logits.argmax(1).numpy(), all_classes)
+        log.info("held-out (%d images):\n%s", len(val_c), format_report(rep))
+    wall = time.time() - t_start
+    base_cfg.update(data=str(cfg.data), run_dir=str(run_dir), class_map=cfg.class_map or "", augment=augment_name)
+    metrics = {"epoch": cfg.epochs, "val_acc": rep["accuracy"] if rep else float("nan"),
+               "val_macro_f1": rep["macro_f1"] if rep else float("nan"), "report": rep}
+    save_atomic({"format_version": CHECKPOINT_VERSION, "arch": ckpt["arch"], "classes": all_classes,
+                 "preprocessing": prep.to_dict(), "config": base_cfg,
+                 "class_map": ClassMap.load(cfg.class_map).to_dict() if cfg.class_map else None,
+                 "dataset_fingerprint": samples.fingerprint(), "epoch": cfg.epochs, "metrics": metrics,
+                 "model": model.state_dict(), "finetuned_from": str(ckpt_path),
+                 "finetune": dataclasses.asdict(cfg)}, run_dir / "best.pt")
+    import yaml
+
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**base_cfg, "finetune": dataclasses.asdict(cfg)},
+                                                              sort_keys=False))
+    result = {"from": str(ckpt_path), "shots": cfg.shots, "seed": cfg.seed, "train_images": len(train_c),
+              "held_out_images": len(va), "wall_s": round(wall, 1), "held_out_accuracy": metrics["val_acc"],
+              "held_out_macro_f1": metrics["val_macro_f1"], "classes": all_classes, "new_classes": new}
+    atomic_write_text(run_dir / "finetune.json", json.dumps(result, indent=1))
+    log.info("fine-tuned in %.1f s -> %s (held-out accuracy %.4f)", wall, run_dir / "best.pt", metrics["val_acc"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.checkpoint import CheckpointError
+    from train.data import DatasetError
+
+    from train.engine import setup_logging
+
+    args = get_args_parser().parse_args(argv)
+    setup_logging(None)
+    try:
+        finetune(FinetuneConfig(**vars(args)))
+    except (CheckpointError, DatasetError, FileExistsError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
