@@ -154,7 +154,8 @@ class CellClassifier:
         manifest = self.manifest
         self.load()  # model errors surface before the photo is even opened
         decoded = imaging.decode(path)
-        x = imaging.to_input(decoded, manifest.input_size)  # [1, 3, S, S] float32 in 0..1
+        prep = manifest.preprocessing or imaging.Preprocessing(manifest.input_size)
+        x = imaging.to_input(decoded, prep)  # [1, 3, S, S] float32 in 0..1
         probs, ms = self.probabilities(x)
         order = np.argsort(-probs, kind="stable")
         top = [(manifest.classes[i], float(probs[i])) for i in order[:TOP_K]]
@@ -164,5 +165,5 @@ class CellClassifier:
             path=str(path), label=label, probability=p, top=top, probabilities=[float(v) for v in probs],
             uncertain=p < manifest.threshold, threshold=manifest.threshold, inference_ms=ms,
             total_ms=(time.perf_counter() - t0) * 1e3, image_size=decoded.original_size,
-            crop_box=decoded.original_crop_box, runtime=self._runtime.name, model_file=self._artifact.file,
+            crop_box=decoded.to_original(prep.box_for(decoded.rgb)), runtime=self._runtime.name, model_file=self._artifact.file,
             display=imaging.display_copy(decoded) if self._keep_display else None)

@@ -130,8 +130,25 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         shutil.copy2(src, dest / artifact.file)
     shutil.copy2(manifest.path, dest / MANIFEST_NAME)
     verify_artifact(load_manifest(dest).choose((args.format,), args.format))
+    vendor_cellcore()
     print(f"bundled {artifact.file} + {MANIFEST_NAME} into {dest}" + (f" ({readable})" if readable else ""))
     return 0
+
+
+def vendor_cellcore() -> Path:
+    """Phone builds package only the app folder: put the shared cellcore package inside it (git-ignored).
+
+    The phone's main.py puts the app folder on sys.path, so `import cellcore` finds this copy there,
+    which is the very code training and export ran (copied, not re-implemented).
+    """
+    import cellcore
+
+    src = Path(cellcore.__file__).parent
+    dest = Path(__file__).resolve().parent / "cellcore"
+    if src.resolve() != dest.resolve():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Photo -> model input without torch: decode to 8-bit RGB, largest centred square, bilinear resize, /255."""
+"""Photo -> model input without torch: decode to 8-bit RGB, then the shared cellcore preprocessing, /255."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cellcore.preprocess import Preprocessing
 from mobile_app.errors import BadImageError
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,17 @@ class DecodedImage:
 
     @property
     def crop_box(self) -> tuple[int, int, int, int]:
-        """The classified square in the coordinates of `rgb`."""
+        """The largest centred square in the coordinates of `rgb` (the classic policy)."""
         return crop_box(*self.rgb.size)
 
     @property
     def original_crop_box(self) -> tuple[float, float, float, float]:
-        """The classified square in the coordinates of the original file (for drawing on it)."""
-        return tuple(v / self.scale for v in self.crop_box)  # type: ignore[return-value]
+        """The largest centred square in the coordinates of the original file (for drawing on it)."""
+        return self.to_original(self.crop_box)
+
+    def to_original(self, box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+        """A box in `rgb` pixels -> the same box in the original file's pixels."""
+        return tuple(v / self.scale for v in box)  # type: ignore[return-value]
 
 
 def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -169,10 +174,15 @@ def _checked(path: Path, rgb: Image.Image, original: tuple[int, int] | None) -> 
     return DecodedImage(rgb=rgb, original_size=original, scale=rgb.width / original[0])
 
 
-def to_input(decoded: DecodedImage | Image.Image, size: int) -> np.ndarray:
-    """8-bit RGB photo -> [1, 3, S, S] float32 in 0..1 (no mean/std: the model normalises)."""
+def to_input(decoded: DecodedImage | Image.Image, prep: Preprocessing | int) -> np.ndarray:
+    """8-bit RGB photo -> [1, 3, S, S] float32 in 0..1 (no mean/std: the model normalises).
+
+    `prep` is the manifest's preprocessing (cellcore, the very code training ran); a bare size
+    means the classic largest-centred-square policy.
+    """
     rgb = decoded.rgb if isinstance(decoded, DecodedImage) else decoded
-    square = rgb.resize((size, size), Image.BILINEAR, box=crop_box(*rgb.size))  # [S, S] RGB uint8
+    prep = Preprocessing(prep) if isinstance(prep, int) else prep
+    square = prep.apply(rgb)  # [S, S] RGB uint8
     hwc = np.asarray(square, dtype=np.uint8).astype(np.float32) / np.float32(255.0)  # [S, S, 3] float32 in 0..1
     return np.ascontiguousarray(hwc.transpose(2, 0, 1)[None])  # [1, 3, S, S] float32 in 0..1
 

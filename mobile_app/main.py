@@ -17,6 +17,9 @@ def _register_package() -> None:
     spec = importlib.util.spec_from_file_location("mobile_app", init, submodule_search_locations=[str(here)])
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load the mobile_app package from {here}")
+    # the shared preprocessing package, vendored into this folder by `python -m mobile_app bundle`
+    if importlib.util.find_spec("cellcore") is None:
+        sys.path.insert(0, str(here))
     module = importlib.util.module_from_spec(spec)
     sys.modules["mobile_app"] = module
     spec.loader.exec_module(module)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from cellcore.preprocess import INTERPOLATIONS, RESIZE_POLICIES, Preprocessing
 from mobile_app.errors import ManifestError, ModelIntegrityError
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,8 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("onnx", "executorch", "coreml")
 PRECISION_ORDER = ("fp32", "fp16", "int8")  # preferred first when several files of a format exist
-SUPPORTED_RESIZE = "center_square_crop_then_resize"
-SUPPORTED_INTERPOLATION = "bilinear"
+SUPPORTED_RESIZE = RESIZE_POLICIES          # cellcore.preprocess: the app runs the training code itself
+SUPPORTED_INTERPOLATION = tuple(INTERPOLATIONS)
 DEFAULT_NOTICE = ("For research use only. Not a medical device and not validated for diagnosis: every result "
                   "must be reviewed by a qualified hematologist.")
 
@@ -70,6 +71,7 @@ class Manifest:
     threshold: float
     artifacts: list[Artifact]
     raw: dict = field(repr=False)
+    preprocessing: Preprocessing | None = None  # photo -> model input, exactly as in training
 
     @property
     def folder(self) -> Path:
@@ -139,11 +141,16 @@ def load_manifest(model_dir: Path | str) -> Manifest:
     _require(isinstance(prep, dict), path, "'preprocessing' must be an object")
     size = prep.get("input_size")
     _require(type(size) is int and size >= 32, path, f"preprocessing.input_size must be an integer >= 32, got {size!r}")
-    _require(prep.get("resize", SUPPORTED_RESIZE) == SUPPORTED_RESIZE, path,
-             f"preprocessing.resize {prep.get('resize')!r} is not supported (this app does {SUPPORTED_RESIZE!r})")
-    _require(prep.get("interpolation", SUPPORTED_INTERPOLATION) == SUPPORTED_INTERPOLATION, path,
+    _require(prep.get("resize", SUPPORTED_RESIZE[0]) in SUPPORTED_RESIZE, path,
+             f"preprocessing.resize {prep.get('resize')!r} is not supported (this app does "
+             f"{', '.join(SUPPORTED_RESIZE)}): update the app")
+    _require(prep.get("interpolation", SUPPORTED_INTERPOLATION[0]) in SUPPORTED_INTERPOLATION, path,
              f"preprocessing.interpolation {prep.get('interpolation')!r} is not supported "
-             f"(this app does {SUPPORTED_INTERPOLATION!r})")
+             f"(this app does {', '.join(SUPPORTED_INTERPOLATION)})")
+    try:
+        preprocessing = Preprocessing.from_dict(prep)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{path}: invalid preprocessing ({exc})") from exc
     _require(prep.get("normalization_in_model", True) is True, path,
              "preprocessing.normalization_in_model is false: this app feeds 0..1 pixels and never normalises")
     unc = m["uncertainty"]
@@ -166,7 +173,7 @@ def load_manifest(model_dir: Path | str) -> Manifest:
             output_name=_io_name(e.get("output"), default_out), output_kind=kind, sha256=str(e["sha256"]).lower(),
             size_bytes=e.get("size_bytes"), path=path.parent / e["file"]))
     return Manifest(path=path, classes=list(classes), input_size=size, threshold=float(cast(float, threshold)),
-                    artifacts=artifacts, raw=m)
+                    artifacts=artifacts, raw=m, preprocessing=preprocessing)
 
 
 def _io_name(value: object, default: str) -> str:
