@@ -1,0 +1,117 @@
+"""Pictures that are not a single white cell, made from real PBC photos and drawing: the abstention test set.
+
+python -m benchmarks.noncell --data ../shared/data/pbc_dev --out runs/data/noncell
+
+Each kind is something a lab could photograph by mistake and the model must flag as uncertain:
+an empty field (background only), red cells only, a platelet clump, a badly blurred cell, a
+photo of printed text, and a hand. All are built from real PBC pixels where that makes sense
+(backgrounds, red cells, platelets, cells), deterministically from a seed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+log = logging.getLogger(__name__)
+
+KINDS = ("empty_field", "red_cells_only", "platelet_clump", "blurred_cell", "text", "hand")
+
+
+def _pbc(data: Path, cls: str, n: int, rng: random.Random) -> list[Image.Image]:
+    files = sorted((data / cls).glob("*.jpg"))
+    return [Image.open(f).convert("RGB") for f in rng.sample(files, min(n, len(files)))]
+
+
+def _corner_tiles(img: Image.Image, tile: int) -> list[Image.Image]:
+    w, h = img.size
+    return [img.crop((x, y, x + tile, y + tile)) for x, y in ((0, 0), (w - tile, 0), (0, h - tile), (w - tile, h - tile))]
+
+
+def make(kind: str, data: Path, seed: int, size: int = 360) -> Image.Image:
+    """One picture of `kind` (size x size RGB)."""
+    rng = random.Random(f"{kind}-{seed}")
+    nprng = np.random.default_rng(rng.randrange(2**31))
+    if kind == "empty_field":
+        # the smear's own background colour (brightest tenth of a real field), with lamp falloff and noise
+        src = np.asarray(_pbc(data, "neutrophil", 1, rng)[0], dtype=np.float32)
+        bg = np.percentile(src.reshape(-1, 3), 95, axis=0)
+        yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+        vignette = 1 - 0.25 * (xx ** 2 + yy ** 2)
+        arr = bg[None, None] * vignette[..., None] + nprng.normal(0, 3, (size, size, 3))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if kind == "red_cells_only":
+        # a 2x2 mosaic of real field corners (red cells and background; the white cell is central in PBC)
+        tiles = [t for img in _pbc(data, "lymphocyte", 2, rng) for t in _corner_tiles(img, 100)]
+        canvas = Image.new("RGB", (200, 200))
+        for i, t in enumerate(rng.sample(tiles, 4)):
+            canvas.paste(t, ((i % 2) * 100, (i // 2) * 100))
+        return canvas.resize((size, size), Image.BILINEAR)
+    if kind == "platelet_clump":
+        # several real platelet-image centres pasted on red cells: no white cell in the picture
+        base = make("red_cells_only", data, seed, size)
+        for img in _pbc(data, "platelet", 5, rng):
+            w, h = img.size
+            patch = img.crop((w // 2 - 30, h // 2 - 30, w // 2 + 30, h // 2 + 30))
+            mask = Image.fromarray((np.asarray(patch.convert("L")) < 170).astype(np.uint8) * 255).filter(
+                ImageFilter.GaussianBlur(2))
+            base.paste(patch, (size // 2 - 60 + rng.randrange(60), size // 2 - 60 + rng.randrange(60)), mask)
+        return base
+    if kind == "blurred_cell":
+        cls = rng.choice(["neutrophil", "lymphocyte", "monocyte", "eosinophil"])
+        return _pbc(data, cls, 1, rng)[0].resize((size, size)).filter(ImageFilter.GaussianBlur(rng.uniform(10, 16)))
+    if kind == "text":
+        canvas = Image.new("RGB", (size, size), tuple(int(v) for v in nprng.integers(225, 255, 3)))
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default(size=rng.randint(18, 30)) if hasattr(ImageFont, "load_default") else None
+        words = "patient sample slide report hematology count result date lab microscope".split()
+        for row in range(12):
+            draw.text((10, 10 + row * 30), " ".join(rng.choice(words) for _ in range(4)), fill=(20, 20, 30), font=font)
+        return canvas
+    if kind == "hand":
+        # skin-coloured palm and fingers, shaded, on a desk: a photo taken by mistake
+        v = int(nprng.integers(90, 170))  # a grey-brown desk
+        canvas = Image.new("RGB", (size, size), (v, int(v * 0.9), int(v * 0.8)))
+        skin = (rng.randint(170, 230), rng.randint(120, 170), rng.randint(90, 140))
+        draw = ImageDraw.Draw(canvas)
+        draw.ellipse((size * 0.2, size * 0.45, size * 0.8, size * 1.1), fill=skin)
+        for i in range(4):
+            x = size * (0.25 + 0.13 * i)
+            draw.rounded_rectangle((x, size * 0.1 + 20 * abs(i - 1.5), x + size * 0.1, size * 0.6), 20, fill=skin)
+        shade = np.linspace(0.8, 1.1, size)[None, :, None]
+        arr = np.asarray(canvas.filter(ImageFilter.GaussianBlur(3)), dtype=np.float32) * shade
+        return Image.fromarray(np.clip(arr + nprng.normal(0, 4, arr.shape), 0, 255).astype(np.uint8))
+    raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def write_set(data: Path, out: Path, per_kind: int = 5) -> list[Path]:
+    """out/<kind>/<kind>_<i>.png for every kind; returns the files."""
+    files = []
+    for kind in KINDS:
+        (out / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_kind):
+            path = out / kind / f"{kind}_{i}.png"
+            make(kind, data, i).save(path)
+            files.append(path)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/pbc_dev", help="PBC folder the real pixels come from")
+    p.add_argument("--out", default="runs/data/noncell")
+    p.add_argument("--per-kind", type=int, default=5)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    files = write_set(Path(args.data), Path(args.out), args.per_kind)
+    log.info("wrote %d pictures of %d kinds into %s", len(files), len(KINDS), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""When a prediction is "uncertain, review by a hematologist": calibrated probabilities, per-format thresholds.
+
+The rule, the same in verification, benchmarks and the app:
+1. the picture checks (cellcore.quality) found a problem -> uncertain, whatever the model says;
+2. else p = softmax(logits / T), T the artifact's temperature fitted on validation images (an int8
+   model's logits differ from fp32's, so each exported file has its own T and threshold);
+3. uncertain when max(p) < the artifact's threshold: the smallest t at which the validation
+   predictions with max(p) >= t are at least `target` accurate; `null` when no t reaches it (then
+   every prediction is marked uncertain, and export warns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cellcore.quality import PictureChecks
+
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
+THRESHOLDS = np.round(np.arange(0.30, 0.995, 0.005), 3)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """[N, C] or [C] logits -> probabilities of the same shape."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T minimising the negative log-likelihood of the labels (temperature scaling, Guo et al. 2017)."""
+    idx = np.arange(len(labels))
+    nll = [-np.log(softmax(logits, t)[idx, labels].astype(np.float64) + 1e-12).mean() for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(nll))])
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> dict:
+    """Smallest t such that predictions with max(p) >= t are at least `target` accurate (None if none)."""
+    top, correct = probs.max(1), probs.argmax(1) == labels
+    for t in THRESHOLDS:
+        keep = top >= t
+        if not keep.any():
+            break
+        if correct[keep].mean() >= target:
+            return {"threshold": float(t), "accuracy_at_or_above": float(correct[keep].mean()),
+                    "coverage": float(keep.mean()), "n": int(len(labels)), "accepted": int(keep.sum())}
+    return {"threshold": None, "accuracy_at_or_above": None, "coverage": 0.0, "n": int(len(labels)), "accepted": 0}
+
+
+@dataclass(frozen=True)
+class UncertaintyRule:
+    temperature: float = 1.0
+    threshold: float | None = 0.5
+    checks: PictureChecks = field(default_factory=PictureChecks)
+
+    def probabilities(self, out: np.ndarray, kind: str = "logits") -> np.ndarray:
+        """A model's [C] (or [N, C]) output -> calibrated probabilities (Core ML gives probabilities:
+        their logarithms are logits up to a constant, so the same temperature applies)."""
+        logits = np.log(np.clip(out, 1e-12, 1.0)) if kind == "probabilities" else out
+        return softmax(logits, self.temperature)
+
+    def uncertain(self, top_probability: float, problems: list[str] | tuple[str, ...] = ()) -> bool:
+        return bool(problems) or self.threshold is None or top_probability < self.threshold
+
+
+def rule_for(manifest: dict, artifact_file: str | None = None) -> UncertaintyRule:
+    """The rule for one exported file, from manifest["uncertainty"] (old manifests: one threshold, T = 1)."""
+    unc = manifest.get("uncertainty") or {}
+    checks = PictureChecks.from_dict(unc.get("picture_checks"))
+    per = (unc.get("per_artifact") or {}).get(artifact_file or "", None)
+    if per:
+        return UncertaintyRule(float(per.get("temperature", 1.0)), per.get("threshold"), checks)
+    return UncertaintyRule(float(unc.get("temperature", 1.0)), unc.get("threshold", 0.5), checks)
