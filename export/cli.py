@@ -41,26 +41,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> dict:
-    """Smallest top-1 probability t with accuracy >= target among validation predictions with p >= t.
+def uncertainty_record(val_logits: np.ndarray, labels: np.ndarray, target: float, kind: str = "logits") -> dict:
+    """Temperature and threshold for one model's validation outputs (cellcore.uncertainty's rule)."""
+    from cellcore.quality import PictureChecks
+    from cellcore.uncertainty import UncertaintyRule, choose_threshold, fit_temperature
 
-    Below t the app says "uncertain, review". probs: [N, C] softmax outputs, labels: [N].
-    """
-    top = probs.max(1)
-    correct = probs.argmax(1) == labels
-    best = {"threshold": 0.99, "val_accuracy_at_or_above": float("nan"), "val_coverage": 0.0}
-    for t in np.round(np.arange(0.30, 0.995, 0.01), 2):
-        keep = top >= t
-        if keep.sum() == 0:
-            break
-        acc = correct[keep].mean()
-        if acc >= target:
-            best = {"threshold": float(t), "val_accuracy_at_or_above": float(acc), "val_coverage": float(keep.mean())}
-            break
-    below = top < best["threshold"]
-    best.update(target_accuracy=target, val_accuracy_below=float(correct[below].mean()) if below.any() else None,
-                rule="top-1 probability below threshold -> 'uncertain: review by a hematologist'")
-    return best
+    logits = np.log(np.clip(val_logits, 1e-12, 1.0)) if kind == "probabilities" else val_logits
+    t = fit_temperature(logits, labels)
+    chosen = choose_threshold(UncertaintyRule(t).probabilities(logits), labels, target)
+    if chosen["threshold"] is None:
+        log.warning("no threshold reaches %.0f%% accuracy on the validation images: every prediction of this model "
+                    "will be marked uncertain (threshold null)", 100 * target)
+    return {"temperature": round(t, 4), **chosen, "target_accuracy": target, "chosen_on": "validation split",
+            "picture_checks": PictureChecks().to_dict(),
+            "rule": "uncertain if the picture checks fail, or max softmax(logits / temperature) < threshold "
+                    "(threshold null: always uncertain)"}
 
 
 def _calibration_indices(labels: np.ndarray, n: int) -> np.ndarray:
@@ -121,10 +116,9 @@ def run_export(cfg: ExportConfig) -> Path:
 
     with torch.no_grad():
         val_logits = predict_logits(model, to_tensor_nchw(val.images), torch.device("cpu"))
-    probs = torch.softmax(val_logits, 1).numpy()
-    unc = choose_threshold(probs, val.labels, cfg.target_accuracy)
-    log.info("[3/5] uncertainty threshold %.2f: val accuracy %.4f on the %.1f%% of images at or above it",
-             unc["threshold"], unc["val_accuracy_at_or_above"], 100 * unc["val_coverage"])
+    unc = uncertainty_record(val_logits.numpy(), val.labels, cfg.target_accuracy)
+    log.info("[3/5] temperature %.2f, uncertainty threshold %s (PyTorch; each format gets its own in verify)",
+             unc["temperature"], unc["threshold"])
 
     out_dir = run_dir / "export"
     stage = run_dir / ".export-staging"
@@ -162,7 +156,10 @@ def run_export(cfg: ExportConfig) -> Path:
                   "channel_order": "RGB", "value_range": [0.0, 1.0]},
         "preprocessing": {**prep.to_dict(), "app_steps": [
             "decode the photo to 8-bit RGB (drop alpha, expand grayscale, 16-bit >> 8)",
-            "crop the largest centred square: side = min(w, h), left = (w - side) // 2, top = (h - side) // 2",
+            ("crop the largest centred square: side = min(w, h), left = (w - side) // 2, top = (h - side) // 2"
+             if prep.resize == "center_square_crop_then_resize" else
+             f"crop the square around the nucleus nearest the centre (cellcore.preprocess.cell_box, nucleus spans "
+             f"{prep.cell_fill} of the side; edge pixels repeated past the photo's border)"),
             f"resize that square to {s} x {s} with Pillow's bilinear filter (Image.resize(..., box=square))",
             "convert to float32 and divide by 255 (values 0..1); do NOT subtract mean or divide by std "
             "(the model does it)",

@@ -62,7 +62,23 @@ def load_images(cfg: VerifyConfig, ckpt: dict, classes: list[str]):
         samples.paths, samples.labels = samples.paths[::step][:cfg.limit], samples.labels[::step][:cfg.limit]
     cache = ImageCache.build(samples, prep)
     x = np.ascontiguousarray(cache.images.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0
-    return x, cache.labels, source
+    return x, cache.labels, source, [str(Path(samples.root) / p) for p in cache.paths]
+
+
+def picture_problems(paths: list[str], checks) -> list[list[str]]:
+    """cellcore.quality's checks on each photo as decoded (before any crop): what the app checks."""
+    from train.data import load_rgb
+
+    return [checks.problems(load_rgb(p)) for p in paths]
+
+
+def abstention(out: np.ndarray, y: np.ndarray, problems: list[list[str]], rule, kind: str) -> dict:
+    """Share flagged under `rule` and the accuracy of what is not flagged."""
+    probs = rule.probabilities(out, kind)
+    flagged = np.array([rule.uncertain(float(p.max()), pr) for p, pr in zip(probs, problems)])
+    kept = ~flagged
+    return {"flagged": float(flagged.mean()) if len(y) else 0.0,
+            "accuracy_unflagged": float((probs.argmax(1) == y)[kept].mean()) if kept.any() else None}
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -83,7 +99,21 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     model, prep, classes = model_from_checkpoint(ckpt)
     if classes != manifest["classes"]:
         raise ManifestError(f"{export_dir}: manifest classes {manifest['classes']} differ from the checkpoint's")
-    x, y, source = load_images(cfg, ckpt, classes)
+    from cellcore.quality import PictureChecks
+    from cellcore.uncertainty import rule_for
+    from export.cli import uncertainty_record
+
+    x, y, source, paths = load_images(cfg, ckpt, classes)
+    unc = manifest.setdefault("uncertainty", {})
+    problems = picture_problems(paths, PictureChecks.from_dict(unc.get("picture_checks")))
+    # On the validation split each format gets its own temperature and threshold (an int8 model's
+    # probabilities are not fp32's); on any other folder the recorded rules are applied, not refitted.
+    fit = not cfg.data
+    per = unc.setdefault("per_artifact", {}) if fit else unc.get("per_artifact", {})
+    keep = ("temperature", "threshold", "accuracy_at_or_above", "coverage", "n", "accepted")
+
+    def fitted(out: np.ndarray, kind: str = "logits") -> dict:
+        return {k: v for k, v in uncertainty_record(out, y, unc.get("target_accuracy", 0.99), kind).items() if k in keep}
     log.info("verifying %d images from %s", len(x), source)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -93,10 +123,13 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
         ref = torch.cat([model(torch.from_numpy(x[i:i + 64])) for i in range(0, len(x), 64)]).numpy()
     torch_ms = (time.perf_counter() - t0) * 1000 / len(x)
     ref_rep = report(y, ref.argmax(1), classes)
+    if fit:
+        per["best.pt"] = fitted(ref)
     rows = [{"format": "pytorch", "precision": "fp32", "file": "best.pt", "status": "reference",
              "size_mb": (run_dir / "best.pt").stat().st_size / 1e6, "accuracy": ref_rep["accuracy"],
              "macro_f1": ref_rep["macro_f1"], "agreement": 1.0, "max_abs_logit_diff": 0.0, "ms_per_image": torch_ms,
-             "gate": "", "note": "eager, batch 64"}]
+             "gate": "", "note": "eager, batch 64",
+             **abstention(ref, y, problems, rule_for(manifest, "best.pt"), "logits")}]
     ok = True
     for entry in manifest["artifacts"]:
         path = artifact_path(export_dir, entry)  # refuses a file whose sha256 differs from the manifest
@@ -128,6 +161,10 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
         pred = out.argmax(1)
         rep = report(y, pred, classes)
         row.update(accuracy=rep["accuracy"], macro_f1=rep["macro_f1"], agreement=float((pred == ref.argmax(1)).mean()))
+        kind = entry.get("output_kind", "logits")
+        if fit:
+            per[entry["file"]] = fitted(out, kind)
+        row.update(abstention(out, y, problems, rule_for(manifest, entry["file"]), kind))
         if entry.get("output_kind", "logits") == "logits":
             row["max_abs_logit_diff"] = float(np.abs(out - ref).max())
         else:  # probabilities (Core ML): compare against PyTorch's softmax
@@ -148,11 +185,16 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     (export_dir / "verify.json").write_text(json.dumps(result, indent=2))
     table = format_table(rows, source, len(x))
     (export_dir / "verify.md").write_text(table + "\n")
-    # The app's About screen shows these numbers: record them in the manifest (artifacts unchanged).
-    manifest["metrics"]["verify"] = {r["file"]: {k: r[k] for k in ("format", "precision", "status", "accuracy",
-                                                                    "macro_f1", "agreement")}
-                                     for r in rows}
-    manifest["metrics"]["verify_source"] = {"source": source, "images": int(len(x))}
+    # The app's About screen shows these numbers: record them in the manifest (artifacts unchanged). The
+    # run's own held-out split is the canonical record; any other folder is kept under its own name.
+    record = {r["file"]: {k: r.get(k) for k in ("format", "precision", "status", "accuracy", "macro_f1", "agreement",
+                                                 "flagged", "accuracy_unflagged")} for r in rows}
+    if fit:
+        manifest["metrics"]["verify"] = record
+        manifest["metrics"]["verify_source"] = {"source": source, "images": int(len(x))}
+    else:
+        manifest["metrics"].setdefault("verify_other", {})[Path(cfg.data).name] = {
+            "source": source, "images": int(len(x)), "results": record}
     write_manifest(manifest, export_dir)
     print(table)
     return rows, ok
@@ -165,15 +207,16 @@ def _f(v, fmt: str) -> str:
 def format_table(rows: list[dict], source: str, n: int) -> str:
     lines = [f"Verification on {n} images ({source})", "",
              "| format | precision | status | size MB | accuracy | macro-F1 | agreement | max abs logit diff | "
-             "ms/image | gate | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "flagged uncertain | accuracy of the rest | ms/image | gate | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = r.get("max_abs_logit_diff")
         diff_s = _f(diff, ".2e") if diff is not None else (
             f"{r['max_abs_prob_diff']:.2e} (prob)" if r.get("max_abs_prob_diff") is not None else "–")
         lines.append(f"| {r['format']} | {r['precision']} | {r['status']} | {r['size_mb']:.2f} | "
                      f"{_f(r['accuracy'], '.4f')} | {_f(r['macro_f1'], '.4f')} | {_f(r['agreement'], '.4f')} | "
-                     f"{diff_s} | {_f(r['ms_per_image'], '.2f')} | {r['gate']} | {r['note']} |")
+                     f"{diff_s} | {_f(r.get('flagged'), '.1%')} | {_f(r.get('accuracy_unflagged'), '.4f')} | "
+                     f"{_f(r['ms_per_image'], '.2f')} | {r['gate']} | {r['note']} |")
     return "\n".join(lines)
 
 

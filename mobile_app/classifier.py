@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cellcore.uncertainty import UncertaintyRule, rule_for
 from mobile_app import imaging
 from mobile_app.errors import InferenceError, RuntimeUnavailableError
 from mobile_app.manifest import Artifact, Manifest, load_manifest, verify_artifact
@@ -21,12 +22,6 @@ UNCERTAIN_MESSAGE = "uncertain — review by a hematologist"
 TOP_K = 3
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """[C] logits -> [C] probabilities (float64 internally, stable)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max())
-    return (z / z.sum()).astype(np.float32)
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -37,8 +32,8 @@ class Prediction:
     probability: float  # top-1 probability
     top: list[tuple[str, float]]  # top-3 (class, probability), best first
     probabilities: list[float]  # [C], in manifest class order
-    uncertain: bool  # probability < manifest uncertainty.threshold
-    threshold: float
+    uncertain: bool  # picture checks failed, or calibrated probability < this model file's threshold
+    threshold: float | None  # None: no threshold reached the target accuracy, every result is uncertain
     inference_ms: float  # runtime.run only
     total_ms: float  # decode + preprocess + inference
     image_size: tuple[int, int]  # original (width, height)
@@ -46,15 +41,18 @@ class Prediction:
     runtime: str
     model_file: str
     display: Any = field(default=None, repr=False, compare=False)  # small PIL RGB copy for the UI
+    problems: tuple[str, ...] = ()  # cellcore.quality picture checks that failed (empty field, blurred, ...)
 
     @property
     def message(self) -> str:
-        return UNCERTAIN_MESSAGE if self.uncertain else ""
+        if not self.uncertain:
+            return ""
+        return f"{UNCERTAIN_MESSAGE} ({'; '.join(self.problems)})" if self.problems else UNCERTAIN_MESSAGE
 
     def to_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "probability": round(self.probability, 6),
                 "top": [[c, round(p, 6)] for c, p in self.top], "uncertain": self.uncertain,
-                "message": self.message, "threshold": self.threshold,
+                "message": self.message, "threshold": self.threshold, "problems": list(self.problems),
                 "inference_ms": round(self.inference_ms, 3), "total_ms": round(self.total_ms, 3),
                 "image_size": list(self.image_size), "crop_box": [round(v, 2) for v in self.crop_box],
                 "runtime": self.runtime, "model_file": self.model_file}
@@ -145,8 +143,14 @@ class CellClassifier:
         ms = (time.perf_counter() - t0) * 1e3
         if out.shape != (len(manifest.classes),) or not np.all(np.isfinite(out)):
             raise InferenceError(f"model returned {out.shape} values (expected {len(manifest.classes)} finite ones)")
-        probs = softmax(out) if runtime.output_kind == "logits" else out.astype(np.float32)
+        # calibrated: this model file's own temperature (cellcore.uncertainty), 1 for old manifests
+        probs = self.rule.probabilities(out, runtime.output_kind)
         return probs, ms
+
+    @property
+    def rule(self) -> UncertaintyRule:
+        """The uncertainty rule of the loaded model file, as export verification chose it."""
+        return rule_for(self.manifest.raw, self._artifact.file if self._artifact is not None else None)
 
     def classify(self, path: Path | str) -> Prediction:
         """Decode, crop, resize, run, softmax: one photo -> Prediction."""
@@ -157,13 +161,15 @@ class CellClassifier:
         prep = manifest.preprocessing or imaging.Preprocessing(manifest.input_size)
         x = imaging.to_input(decoded, prep)  # [1, 3, S, S] float32 in 0..1
         probs, ms = self.probabilities(x)
+        rule = self.rule
+        problems = tuple(rule.checks.problems(decoded.rgb))
         order = np.argsort(-probs, kind="stable")
         top = [(manifest.classes[i], float(probs[i])) for i in order[:TOP_K]]
         label, p = top[0]
         assert self._artifact is not None and self._runtime is not None
         return Prediction(
             path=str(path), label=label, probability=p, top=top, probabilities=[float(v) for v in probs],
-            uncertain=p < manifest.threshold, threshold=manifest.threshold, inference_ms=ms,
+            uncertain=rule.uncertain(p, problems), threshold=rule.threshold, problems=problems, inference_ms=ms,
             total_ms=(time.perf_counter() - t0) * 1e3, image_size=decoded.original_size,
             crop_box=decoded.to_original(prep.box_for(decoded.rgb)), runtime=self._runtime.name, model_file=self._artifact.file,
             display=imaging.display_copy(decoded) if self._keep_display else None)

@@ -68,7 +68,7 @@ class Manifest:
     path: Path
     classes: list[str]
     input_size: int
-    threshold: float
+    threshold: float | None  # PyTorch's; each model file's own is in raw["uncertainty"]["per_artifact"]
     artifacts: list[Artifact]
     raw: dict = field(repr=False)
     preprocessing: Preprocessing | None = None  # photo -> model input, exactly as in training
@@ -155,8 +155,9 @@ def load_manifest(model_dir: Path | str) -> Manifest:
              "preprocessing.normalization_in_model is false: this app feeds 0..1 pixels and never normalises")
     unc = m["uncertainty"]
     threshold = unc.get("threshold") if isinstance(unc, dict) else None
-    _require(isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 <= threshold <= 1.0,
-             path, f"uncertainty.threshold must be a number in 0..1, got {threshold!r}")
+    _require(threshold is None or (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                                   and 0.0 <= threshold <= 1.0),
+             path, f"uncertainty.threshold must be a number in 0..1 or null, got {threshold!r}")
     default_in = (m.get("input") or {}).get("name", "image")
     default_out = (m.get("output") or {}).get("name", "logits")
     artifacts = []
@@ -172,7 +173,7 @@ def load_manifest(model_dir: Path | str) -> Manifest:
             runtime=str(e.get("runtime", "")), input_name=_io_name(e.get("input"), default_in),
             output_name=_io_name(e.get("output"), default_out), output_kind=kind, sha256=str(e["sha256"]).lower(),
             size_bytes=e.get("size_bytes"), path=path.parent / e["file"]))
-    return Manifest(path=path, classes=list(classes), input_size=size, threshold=float(cast(float, threshold)),
+    return Manifest(path=path, classes=list(classes), input_size=size, threshold=None if threshold is None else float(cast(float, threshold)),
                     artifacts=artifacts, raw=m, preprocessing=preprocessing)
 
 

@@ -121,6 +121,14 @@ class ConfirmPopup(Popup):
 
 # ----------------------------------------------------------------------------- app
 
+def uncertainty_text(rule) -> str:
+    """The About screen's sentence for a cellcore.uncertainty.UncertaintyRule."""
+    if rule.threshold is None:
+        return f"no threshold reached the target accuracy on validation images: every result says \"{UNCERTAIN_MESSAGE}\""
+    return (f"a result says \"{UNCERTAIN_MESSAGE}\" when its calibrated top probability is below {rule.threshold:.0%} "
+            f"(temperature {rule.temperature:.2f}), or when the picture shows no stained cell or is too blurred")
+
+
 class CellClassifierApp(App):
     """State lives in the properties below; the .kv file draws them."""
 
@@ -329,7 +337,7 @@ class CellClassifierApp(App):
         self.result_label = pred.label
         self.result_probability = pred.probability
         self.result_uncertain = pred.uncertain
-        self.result_message = UNCERTAIN_MESSAGE if pred.uncertain else ""
+        self.result_message = pred.message
         labels = [c for c, _ in pred.top] + [""] * 3
         values = [p for _, p in pred.top] + [0.0] * 3
         self.top_labels, self.top_values = labels[:3], values[:3]
@@ -338,7 +346,7 @@ class CellClassifierApp(App):
         self.result_info = (f"inference {pred.inference_ms:.1f} ms (total {pred.total_ms:.0f} ms) · "
                             f"{pred.runtime}{provider} · {w}x{h} px")
         if pred.uncertain:
-            self.set_status(f"{Path(pred.path).name}: {pred.label} {pred.probability:.0%} — {UNCERTAIN_MESSAGE}",
+            self.set_status(f"{Path(pred.path).name}: {pred.label} {pred.probability:.0%} — {pred.message}",
                             "warning")
         else:
             self.set_status(f"{Path(pred.path).name}: {pred.label} {pred.probability:.0%}")
@@ -603,8 +611,7 @@ class CellClassifierApp(App):
             kind = f"{a.format} {a.precision}" if a else file
             lines.append(f"  {kind}: accuracy {_pct(v.get('accuracy'))}, macro-F1 {_pct(v.get('macro_f1'))}, "
                          f"agreement with PyTorch {_pct(v.get('agreement'))}")
-        lines += ["", f"[b]Uncertainty[/b]: results below {m.threshold:.0%} top probability say "
-                      f"\"{UNCERTAIN_MESSAGE}\""]
+        lines += ["", "[b]Uncertainty[/b]: " + uncertainty_text(self.classifier.rule)]
         if unc.get("val_accuracy_at_or_above") is not None:
             lines.append(f"  at or above it: validation accuracy {_pct(unc.get('val_accuracy_at_or_above'))} on "
                          f"{_pct(unc.get('val_coverage'))} of cells")

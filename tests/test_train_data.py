@@ -202,16 +202,32 @@ def _symmetries(img):
             yield m.rot90(k, dims=(-2, -1))
 
 
-@pytest.mark.parametrize("name", ["cells", "dihedral"])
+@pytest.mark.parametrize("name", ["cells", "dihedral", "robust", "robust_cell", "robust_mild", "robust_strong"])
 def test_augmentations_on_real_cells(name: str, pbc_sample: Path) -> None:
     import torch
 
-    from train.augment import AUGMENTS
+    from train.augment import AUGMENTS, source_scale
 
     paths = sorted(p for p in pbc_sample.rglob("*") if p.is_file())[:16]
     pre = Preprocessing(input_size=64)
-    x = torch.stack([torch.from_numpy(np.asarray(pre.apply(load_rgb(p)))).permute(2, 0, 1) for p in paths]).float() / 255
-    y = AUGMENTS[name](x.clone(), generator=torch.Generator().manual_seed(0))
+
+    def batch(prep: Preprocessing):  # [N, 3, S, S] float32 in 0..1
+        return torch.stack([torch.from_numpy(np.asarray(prep.apply(load_rgb(p)))).permute(2, 0, 1)
+                            for p in paths]).float() / 255
+
+    x = batch(pre)
+    k = source_scale(AUGMENTS[name])
+    gen = torch.Generator().manual_seed(0)
+    if k > 1:  # zooming augmentations read the same crop at k x the size
+        src = batch(Preprocessing(input_size=64 * k))
+        y = AUGMENTS[name](x.clone(), src, generator=gen)
+        # the exact deploy-time images (p_clean) stay lossless symmetries; the rest are really resampled
+        exact = [any(torch.equal(b, s) for s in _symmetries(a)) for a, b in zip(x, y)]
+        assert 0 < sum(exact) < len(paths)
+        with pytest.raises(ValueError, match="2x source"):
+            AUGMENTS[name](x.clone(), None)
+    else:
+        y = AUGMENTS[name](x.clone(), generator=gen)
     assert y.shape == x.shape and y.dtype == x.dtype and 0 <= y.min() and y.max() <= 1
     changed = [not torch.equal(a, b) for a, b in zip(x, y)]
     assert sum(changed) >= len(paths) // 2  # 7 of 8 orientations differ from the input

@@ -94,6 +94,12 @@ PRESETS: dict[str, dict] = {
     # jitter + EMA by 3 points (98.3% vs 95.1% on pbc_dev, 38.7 min).
     "cpu": dict(arch="mobilevit_xxs", image_size=128, batch_size=128, epochs=45, lr=2e-3, warmup_epochs=14,
                 weight_decay=0.01, ema_decay=0.0, augment="dihedral", label_smoothing=0.0),
+    # For pictures from other labs (README "Cells from other labs"): the cpu recipe plus the nucleus-centred
+    # crop, optical-density instance normalisation and RobustAugment (framing, stain, blur, resolution),
+    # label smoothing 0.1. The best PBC/cross-lab balance of the measured candidates (runs/bench/tune_gpu*.md).
+    "crosslab": dict(arch="mobilevit_xxs", image_size=128, batch_size=128, epochs=45, lr=2e-3, warmup_epochs=14,
+                     weight_decay=0.01, ema_decay=0.0, augment="robust_cell", input_norm="od_instance", crop="cell",
+                     label_smoothing=0.1),
     # Seconds, for tests and a first try of a new dataset.
     "smoke": dict(arch="mobilevit_xxs", image_size=64, batch_size=16, epochs=2, lr=2e-3, warmup_epochs=0,
                   max_steps_per_epoch=4, plots=True),

@@ -1,0 +1,116 @@
+"""Cross-lab pieces on real images: stain-invariant input norm, robust training options, picture checks, calibration."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellcore.preprocess import Preprocessing
+from cellcore.quality import PictureChecks
+from cellcore.uncertainty import UncertaintyRule, choose_threshold, fit_temperature, rule_for, softmax
+
+torch = pytest.importorskip("torch")
+
+
+def _batch(paths: list[Path], size: int = 64) -> "torch.Tensor":
+    from train.data import load_rgb
+
+    prep = Preprocessing(size)
+    return torch.stack([torch.from_numpy(np.asarray(prep.apply(load_rgb(p)))).permute(2, 0, 1)
+                        for p in paths]).float() / 255  # [N, 3, S, S] float32 in 0..1
+
+
+@pytest.fixture(scope="module")
+def real_cells(pbc_sample: Path) -> list[Path]:
+    return sorted(p for p in pbc_sample.rglob("*.jpg"))[:12]
+
+
+@pytest.fixture(scope="module")
+def crosslab(pbc_dev: Path) -> Path:
+    root = pbc_dev.parent / "crosslab_dev"
+    if not root.exists():
+        pytest.skip(f"{root} not found")
+    return root
+
+
+@pytest.mark.parametrize("input_norm,invariant", [("od_instance", True), ("rgb_instance", False), ("imagenet", False)])
+def test_od_instance_norm_ignores_a_colour_cast(real_cells: list[Path], input_norm: str, invariant: bool) -> None:
+    """A lamp's or camera's colour cast (a gain per channel) is an offset in optical density: od_instance removes it."""
+    from train.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mobilevit_xxs", 8, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), input_norm).eval()
+    x = _batch(real_cells)
+    cast = x * torch.tensor([0.95, 0.85, 0.6]).view(1, 3, 1, 1)  # a yellow lamp: less blue
+    with torch.no_grad():
+        a, b = model.normalise(x), model.normalise(cast)
+    # pixels darker than the 1/255 clamp after the cast are the only ones allowed to differ
+    diff = (a - b).abs().amax().item()
+    assert (diff < 1e-3) == invariant, f"{input_norm}: max difference {diff}"
+
+
+def test_crosslab_options_train_and_travel_in_the_checkpoint(pbc_sample: Path, tmp_path: Path) -> None:
+    """The preset's crop, input norm and 2x-source augmentation run end to end and are recorded for export/app."""
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.cli import main
+
+    run = tmp_path / "xl"
+    assert main(["--data", str(pbc_sample), "--run-dir", str(run), "--preset", "crosslab", "--image-size", "64",
+                 "--epochs", "1", "--warmup-epochs", "0", "--max-steps-per-epoch", "2", "--batch-size", "16",
+                 "--plots", "false"]) == 0
+    ckpt = load_checkpoint(run / "best.pt")
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    assert (prep.resize, prep.input_norm, ckpt["config"]["augment"]) == (
+        "cell_square_crop_then_resize", "od_instance", "robust_cell")
+    model, prep2, classes = model_from_checkpoint(ckpt)
+    assert model.input_norm == "od_instance" and prep2 == prep
+
+
+def test_picture_checks_flag_non_cells_and_pass_real_cells(pbc_dev: Path, real_cells: list[Path], crosslab: Path,
+                                                           tmp_path: Path) -> None:
+    from benchmarks.noncell import write_set
+    from train.data import load_rgb
+
+    checks = PictureChecks()
+    files = write_set(pbc_dev, tmp_path / "noncell", per_kind=2)
+    flagged = {f.parent.name: [] for f in files}
+    for f in files:
+        flagged[f.parent.name].append(bool(checks.problems(load_rgb(f))))
+    for kind in ("empty_field", "text", "hand", "blurred_cell"):
+        assert all(flagged[kind]), f"{kind} not flagged by the picture checks"
+    assert not any(checks.problems(load_rgb(p)) for p in real_cells)
+    cl = sorted(crosslab.rglob("*.bmp"))[::10]
+    assert sum(bool(checks.problems(load_rgb(p))) for p in cl) <= 0.2 * len(cl)  # soft, but cells
+
+
+def test_temperature_fit_recovers_a_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (4000, 5))
+    labels = np.array([rng.choice(5, p=p) for p in softmax(z, 2.0)])  # labels drawn at T = 2
+    assert fit_temperature(z, labels) == pytest.approx(2.0, rel=0.12)
+
+
+@pytest.mark.parametrize("target,reachable", [(0.9, True), (1.01, False)])
+def test_threshold_is_null_when_the_target_cannot_be_met(target: float, reachable: bool) -> None:
+    rng = np.random.default_rng(1)
+    probs = softmax(rng.normal(0, 2, (300, 4)))
+    # calibrated by construction: a prediction is right with the probability it states
+    labels = np.where(rng.random(300) < probs.max(1), probs.argmax(1), (probs.argmax(1) + 1) % 4)
+    got = choose_threshold(probs, labels, target)
+    json.dumps(got, allow_nan=False)  # valid JSON for any reader: null, never NaN
+    assert (got["threshold"] is not None) == reachable
+    if reachable:
+        keep = probs.max(1) >= got["threshold"]
+        assert (probs.argmax(1) == labels)[keep].mean() >= target
+
+
+def test_rule_per_artifact_and_fallback() -> None:
+    manifest = {"uncertainty": {"threshold": 0.7, "per_artifact": {"m_int8.onnx": {"temperature": 2.0, "threshold": None}}}}
+    assert rule_for(manifest, "m_int8.onnx") == UncertaintyRule(2.0, None)
+    assert rule_for(manifest, "other.pte") == UncertaintyRule(1.0, 0.7)
+    assert rule_for(manifest, "m_int8.onnx").uncertain(0.999)  # null threshold: always uncertain
+    assert UncertaintyRule(1.0, 0.5).uncertain(0.9, ["picture too blurred"])
+    assert not UncertaintyRule(1.0, 0.5).uncertain(0.9)
