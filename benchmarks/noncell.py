@@ -1,6 +1,8 @@
 """Pictures that are not a single white cell, made from real PBC photos and drawing: the abstention test set.
 
 python -m benchmarks.noncell --data ../shared/data/pbc_dev --out runs/data/noncell
+python -m benchmarks.noncell --run-dir runs/NAME      # + how each exported format answers them
+
 
 Each kind is something a lab could photograph by mistake and the model must flag as uncertain:
 an empty field (background only), red cells only, a platelet clump, a badly blurred cell, a
@@ -101,15 +103,68 @@ def write_set(data: Path, out: Path, per_kind: int = 5) -> list[Path]:
     return files
 
 
+def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
+    """{format file: {kind: [flagged?, ...]}} under each artifact's own uncertainty rule (and PyTorch's)."""
+    import torch
+
+    from cellcore.uncertainty import rule_for
+    from export.manifest import artifact_path, read_manifest
+    from export.runtimes import ExecutorchRunner, OnnxRunner
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.data import load_rgb
+
+    export_dir = run_dir / "export"
+    manifest = read_manifest(export_dir)
+    model, prep, _ = model_from_checkpoint(load_checkpoint(run_dir / manifest["model"]["checkpoint"]))
+    rgbs = [load_rgb(f) for f in files]
+    x = np.stack([np.asarray(prep.apply(im), dtype=np.float32).transpose(2, 0, 1) / 255.0 for im in rgbs])  # [N,3,S,S]
+    runners = {"best.pt": ("logits", lambda a: model(torch.from_numpy(a)).detach().numpy())}
+    for e in manifest["artifacts"]:
+        if e["format"] in ("onnx", "executorch"):
+            path = artifact_path(export_dir, e)
+            runners[e["file"]] = (e.get("output_kind", "logits"),
+                                  OnnxRunner(path) if e["format"] == "onnx" else ExecutorchRunner(path))
+    out: dict = {}
+    for name, (kind, run) in runners.items():
+        rule = rule_for(manifest, name)
+        checks = [rule.checks.problems(im) for im in rgbs]
+        with torch.no_grad():
+            probs = rule.probabilities(run(x), kind)  # [N, C] calibrated
+        out[name] = {}
+        for f, p, pr in zip(files, probs, checks):
+            out[name].setdefault(f.parent.name, []).append(
+                {"file": f.name, "flagged": rule.uncertain(float(p.max()), pr), "top": manifest["classes"][int(p.argmax())],
+                 "p": round(float(p.max()), 4), "problems": pr})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/pbc_dev", help="PBC folder the real pixels come from")
     p.add_argument("--out", default="runs/data/noncell")
     p.add_argument("--per-kind", type=int, default=5)
+    p.add_argument("--run-dir", help="also run every exported format of this run on the set; table in <run>/bench/")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     files = write_set(Path(args.data), Path(args.out), args.per_kind)
     log.info("wrote %d pictures of %d kinds into %s", len(files), len(KINDS), args.out)
+    if not args.run_dir:
+        return 0
+    import json
+
+    run_dir = Path(args.run_dir)
+    res = flagged_by_format(run_dir, files)
+    lines = [f"# Non-cell pictures flagged as uncertain ({run_dir}, {args.per_kind} per kind)", "",
+             "| format | " + " | ".join(KINDS) + " | all |", "|---|" + "---|" * (len(KINDS) + 1)]
+    for name, kinds in res.items():
+        cells = [f"{sum(r['flagged'] for r in kinds[k])}/{len(kinds[k])}" for k in KINDS]
+        total = sum(r["flagged"] for k in KINDS for r in kinds[k])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {total}/{len(files)} |")
+    bench = run_dir / "bench"
+    bench.mkdir(exist_ok=True)
+    (bench / "noncell.json").write_text(json.dumps(res, indent=1))
+    (bench / "noncell.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
