@@ -37,7 +37,7 @@ def model_rate(arch: str, num_classes: int, cfg, device, steps: int, warmup: int
     from train.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(arch, num_classes, cfg.mean, cfg.std).to(device)
+    model = create_model(arch, num_classes, cfg.mean, cfg.std, cfg.input_norm).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -72,10 +72,12 @@ def model_rate(arch: str, num_classes: int, cfg, device, steps: int, warmup: int
     return {"step_s_median": med, "images_per_s": b / med, "steps": steps}
 
 
-def build_cache(data: str, image_size: int, per_class: int, workers: int):
-    """A real ImageCache of per_class images of every class (the first ones in sorted order); decode rate too."""
+def build_cache(data: str, cfg, per_class: int, workers: int):
+    """A real ImageCache of per_class images of every class (the first ones in sorted order), preprocessed and
+    (for zooming augmentations) with 2x sources exactly as the preset's training does; decode rate too."""
+    from train.augment import AUGMENTS, source_scale
     from train.data import ImageCache, Samples, scan_dataset
-    from train.preprocess import Preprocessing
+    from train.engine import preprocessing_of
 
     full = scan_dataset(data)
     keep: list[int] = []
@@ -86,7 +88,7 @@ def build_cache(data: str, image_size: int, per_class: int, workers: int):
             seen[lab] = seen.get(lab, 0) + 1
     sample = Samples(full.root, [full.paths[i] for i in keep], [full.labels[i] for i in keep], full.classes)
     t0 = time.perf_counter()
-    cache = ImageCache.build(sample, Preprocessing(image_size), workers)
+    cache = ImageCache.build(sample, preprocessing_of(cfg), workers, source_scale(AUGMENTS[cfg.augment]))
     dt = time.perf_counter() - t0
     return cache, {"images": len(cache), "decode_s": dt, "decode_images_per_s": len(cache) / dt, "workers": workers,
                    "root": str(full.root)}
@@ -100,6 +102,7 @@ def loader_rate(cache, cfg, device, steps: int, warmup: int) -> dict:
     from train.engine import to_tensor_nchw
 
     train_x = to_tensor_nchw(cache.images)
+    train_src = to_tensor_nchw(cache.sources) if cache.sources is not None else None  # [N, 3, kS, kS] uint8
     train_y = torch.from_numpy(cache.labels)
     augment = AUGMENTS[cfg.augment]
     g = torch.Generator().manual_seed(0)
@@ -109,7 +112,9 @@ def loader_rate(cache, cfg, device, steps: int, warmup: int) -> dict:
         idx = torch.randint(0, len(train_x), (b,), generator=g)  # the balanced sampler draws with replacement too
         x = train_x[idx].to(device, non_blocking=True).float().div_(255)
         train_y[idx].to(device, non_blocking=True)
-        if augment is not None:
+        if train_src is not None:
+            x = augment(x, train_src[idx].to(device, non_blocking=True).float().div_(255))
+        elif augment is not None:
             x = augment(x)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -214,16 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     doc = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
            "threads": torch.get_num_threads(), "machine": machine_info(), "presets": []}
-    caches: dict[int, tuple] = {}
+    caches: dict[tuple, tuple] = {}
     for preset in presets:
         cfg = preset_config(preset, args.image_size, args.batch)
-        if cfg.image_size not in caches:
+        key = (cfg.image_size, cfg.crop, cfg.augment)
+        if key not in caches:
             try:
-                caches[cfg.image_size] = build_cache(args.data, cfg.image_size, args.per_class, args.workers)
+                caches[key] = build_cache(args.data, cfg, args.per_class, args.workers)
             except DatasetError as exc:
                 log.error("%s", exc)
                 return 2
-        cache, cache_info = caches[cfg.image_size]
+        cache, cache_info = caches[key]
         entry = {"preset": preset, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
                  "channels_last": cfg.channels_last, "amp": cfg.amp and device.type == "cuda", "cache": cache_info,
                  "loader": loader_rate(cache, cfg, device, args.steps, args.warmup), "models": []}
