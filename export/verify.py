@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import ManifestError, artifact_path, read_manifest, write_manifest
+from export.manifest import ManifestError, artifact_path, read_manifest, sha256_of, write_manifest
 from export.runtimes import CoreMLRunner, ExecutorchRunner, OnnxRunner, RuntimeUnavailable, coreml_structure
 
 log = logging.getLogger("export")
@@ -95,7 +95,13 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     run_dir = Path(cfg.run_dir)
     export_dir = run_dir / "export"
     manifest = read_manifest(export_dir)
-    ckpt = load_checkpoint(run_dir / manifest["model"]["checkpoint"])
+    ckpt_path = run_dir / manifest["model"]["checkpoint"]
+    recorded = manifest["model"].get("checkpoint_sha256")
+    if recorded and ckpt_path.exists() and sha256_of(ckpt_path) != recorded:
+        raise ManifestError(f"{ckpt_path} is not the checkpoint {export_dir} was exported from (sha256 "
+                            f"{sha256_of(ckpt_path)[:12]}… instead of {recorded[:12]}…): it was trained further or "
+                            f"replaced. Export again (make export RUN={run_dir.name}) before verifying.")
+    ckpt = load_checkpoint(ckpt_path)
     model, prep, classes = model_from_checkpoint(ckpt)
     if classes != manifest["classes"]:
         raise ManifestError(f"{export_dir}: manifest classes {manifest['classes']} differ from the checkpoint's")

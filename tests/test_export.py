@@ -91,7 +91,38 @@ def test_verify_command_writes_tables_and_gates(smoke_export: Path, pbc_sample: 
             assert r["status"] == "structure ok" and r["accuracy"] is None and "macOS" in r["note"]
     table = (smoke_export / "verify.md").read_text()
     assert "| onnx | int8 |" in table and "| pytorch | fp32 | reference |" in table
-    assert "mobilevit_xxs_onnx_fp32.onnx" in read_manifest(smoke_export)["metrics"]["verify"]
+    # another folder's numbers are kept under its own name; the canonical (held-out split) record is untouched
+    metrics = read_manifest(smoke_export)["metrics"]
+    assert "mobilevit_xxs_onnx_fp32.onnx" in metrics["verify_other"][pbc_sample.name]["results"]
+    assert "mobilevit_xxs_onnx_fp32.onnx" not in metrics["verify"]
+
+
+def test_verify_fits_a_rule_per_format_on_the_validation_split(export_copy: Path) -> None:
+    from export.verify import main
+
+    assert main(["--run-dir", str(export_copy)]) in (0, 1)
+    m = read_manifest(export_copy / "export")
+    per = m["uncertainty"]["per_artifact"]
+    measured = {r["file"] for r in json.loads((export_copy / "export" / "verify.json").read_text())["rows"]
+                if r["accuracy"] is not None}
+    assert measured <= set(per) and "best.pt" in per
+    for rule in per.values():
+        assert rule["temperature"] > 0 and (rule["threshold"] is None or 0 < rule["threshold"] < 1)
+    json.dumps(m, allow_nan=False)  # no NaN anywhere: any JSON reader can read the manifest
+    assert set(m["metrics"]["verify"]) == measured | {r["file"] for r in json.loads(
+        (export_copy / "export" / "verify.json").read_text())["rows"]}
+
+
+def test_verify_refuses_a_checkpoint_trained_after_export(export_copy: Path, caplog) -> None:
+    import torch
+
+    from export.verify import main
+
+    ckpt = torch.load(export_copy / "best.pt", weights_only=False)
+    ckpt["epoch"] += 1  # "trained further": another best.pt than the one exported
+    torch.save(ckpt, export_copy / "best.pt")
+    assert main(["--run-dir", str(export_copy), "--limit", "4"]) == 2
+    assert "is not the checkpoint" in caplog.text and "Export again" in caplog.text
 
 
 def test_failed_gate_exits_nonzero_naming_it(smoke_export: Path, monkeypatch, caplog) -> None:

@@ -67,6 +67,27 @@ def test_existing_run_is_not_overwritten(smoke_run: Path, pbc_sample: Path, capl
     assert "pass --resume" in caplog.text and (smoke_run / "best.pt").stat().st_mtime == before
 
 
+def test_reloading_a_runs_config_gives_the_identical_config(smoke_run: Path) -> None:
+    """--config after the preset: a run's own config.yaml (with its overrides) comes back field for field."""
+    import yaml
+
+    saved = yaml.safe_load((smoke_run / "config.yaml").read_text())
+    cfg = resolve_config(get_args_parser().parse_args(["--config", str(smoke_run / "config.yaml")]))
+    assert saved["epochs"] == 3 and cfg.to_dict() == saved  # 3 is the fixture's override of the preset's 2
+
+
+@pytest.mark.parametrize("change,field", [(["--image-size", "96"], "image_size"), (["--lr", "0.1"], "lr"),
+                                          (["--augment", "dihedral"], "augment")])
+def test_mismatched_resume_is_refused_naming_the_fields(change: list[str], field: str, smoke_run: Path,
+                                                        pbc_sample: Path, caplog) -> None:
+    from train.cli import main
+
+    before = (smoke_run / "last.pt").stat().st_mtime
+    assert main(["--config", str(smoke_run / "config.yaml"), "--run-dir", str(smoke_run), "--resume", *change]) == 2
+    assert f"{field} was" in caplog.text and "Start over" in caplog.text
+    assert (smoke_run / "last.pt").stat().st_mtime == before
+
+
 def _metrics(run: Path) -> list[dict]:
     return list(csv.DictReader(open(run / "metrics.csv")))
 

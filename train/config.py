@@ -106,6 +106,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# What may differ between a run and its --resume: where and how fast it runs, and how long (extending epochs).
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "workers", "threads", "plots", "run_dir", "data",
+                               "preset"})
+
+
+def resume_mismatch(saved: dict, cfg: "TrainConfig") -> dict:
+    """{field: (saved, now)} for every field that must not change on --resume."""
+    now = cfg.to_dict()
+    return {k: (saved.get(k), v) for k, v in now.items()
+            if k not in RESUMABLE_CHANGES and k in saved and saved.get(k) != v}
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -145,7 +157,7 @@ def _parse_bool(s: str) -> bool:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- --config file <- preset <- explicit flags. Logs which preset was picked and why."""
+    """Defaults <- preset <- --config file <- explicit flags. Logs which preset was picked and why."""
     base: dict = {}
     if getattr(args, "config", None):
         base = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -156,7 +168,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         log.warning("NO --preset GIVEN: using '%s' because %s", preset,
                     "a CUDA GPU is present" if preset == "paper" else "no GPU was found")
         log.warning("=" * 72)
-    merged = {**base, **PRESETS[preset], "preset": preset}
+    # timm's order: dataclass defaults <- preset <- config file <- explicit flags, so reloading a run's own
+    # config.yaml gives back exactly that run's config (its overrides included)
+    merged = {**PRESETS[preset], **base, "preset": preset}
     for k, v in vars(args).items():
         if v is not None and k != "config":
             merged[k] = tuple(v) if isinstance(v, list) else v

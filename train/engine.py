@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from train import plots
 from train.augment import AUGMENTS, source_scale
 from train.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_atomic
-from train.config import TrainConfig
+from train.config import TrainConfig, resume_mismatch
 from train.data import ClassMap, ImageCache, Samples, load_split_samples, save_split, scan_dataset, stratified_split
 from train.metrics import format_report, report
 from train.models import count_params, create_model
@@ -247,6 +247,14 @@ def fit(cfg: TrainConfig) -> dict:
         ck = load_checkpoint(last)
         if ck["arch"] != cfg.arch or list(ck["classes"]) != classes:
             raise CheckpointError(f"{last}: was {ck['arch']} on {ck['classes']}, this run is {cfg.arch} on {classes}")
+        diff = resume_mismatch(ck.get("config") or {}, cfg)
+        if ck.get("dataset_fingerprint") not in (None, samples.fingerprint()):
+            diff["data fingerprint"] = (ck["dataset_fingerprint"][:12], samples.fingerprint()[:12])
+        if diff:
+            raise CheckpointError(
+                f"{last} cannot be resumed with this config: " + "; ".join(f"{k} was {a!r}, now {b!r}"
+                                                                            for k, (a, b) in diff.items())
+                + f". Start over with another RUN name (or delete {run_dir}); only --epochs may change, to extend it.")
         model.load_state_dict(ck["model_raw"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
