@@ -138,14 +138,35 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
     return out
 
 
+def measure_folders(folders: list[Path]) -> int:
+    """min / median / max of cellcore.quality.measure over each folder's images, and how many the checks flag."""
+    from cellcore.quality import PictureChecks, measure
+    from train.data import IMAGE_EXTS, load_rgb
+
+    checks = PictureChecks()
+    print("| folder | images | stain share min / median / max | sharpness min / median / max | flagged |")
+    print("|---|---|---|---|---|")
+    for folder in folders:
+        files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+        m = np.array([measure(load_rgb(f)) for f in files])
+        flagged = int(((m[:, 0] < checks.min_stain) | (m[:, 1] < checks.min_sharpness)).sum())
+        print(f"| {folder} | {len(files)} | {m[:, 0].min():.4f} / {np.median(m[:, 0]):.4f} / {m[:, 0].max():.4f} | "
+              f"{m[:, 1].min():.3f} / {np.median(m[:, 1]):.3f} / {m[:, 1].max():.3f} | {flagged} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/pbc_dev", help="PBC folder the real pixels come from")
     p.add_argument("--out", default="runs/data/noncell")
     p.add_argument("--per-kind", type=int, default=5)
     p.add_argument("--run-dir", help="also run every exported format of this run on the set; table in <run>/bench/")
+    p.add_argument("--measure", nargs="+", metavar="FOLDER",
+                   help="instead: the picture-check measures (stain share, sharpness) of every image in these folders")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.measure:
+        return measure_folders([Path(f) for f in args.measure])
     files = write_set(Path(args.data), Path(args.out), args.per_kind)
     log.info("wrote %d pictures of %d kinds into %s", len(files), len(KINDS), args.out)
     if not args.run_dir:
