@@ -67,6 +67,21 @@ def test_existing_run_is_not_overwritten(smoke_run: Path, pbc_sample: Path, capl
     assert "pass --resume" in caplog.text and (smoke_run / "best.pt").stat().st_mtime == before
 
 
+def test_help_names_defaults_and_choices_and_print_config_trains_nothing(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from train.cli import main
+
+    help_text = " ".join(get_args_parser().format_help().split())
+    for fragment in ("--lr LR peak learning rate (default 0.001", "one of: none, cells, dihedral, robust",
+                     "one of: mobilevit_xxs, mobilevit_xs", "one of: adamw, adam, sgd", "one of: center, cell"):
+        assert fragment in help_text
+    run = tmp_path / "never"
+    assert main(["--data", "x", "--run-dir", str(run), "--preset", "crosslab", "--lr", "0.004", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["lr"], cfg["crop"], cfg["input_norm"]) == (0.004, "cell", "od_instance") and not run.exists()
+
+
 def test_reloading_a_runs_config_gives_the_identical_config(smoke_run: Path) -> None:
     """--config after the preset: a run's own config.yaml (with its overrides) comes back field for field."""
     import yaml

@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None)
     try:
         cfg = resolve_config(args)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
         best = fit(cfg)
     except (DatasetError, CheckpointError, FileExistsError, ValueError, FloatingPointError) as exc:
         log.error("%s", exc)

@@ -124,27 +124,57 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# One help line per TrainConfig field (`python -m train --help` shows it with the default and the choices).
+FIELD_HELP = {
+    "arch": "network (allow-list)", "class_map": "class map file or shipped preset (e.g. aml_lmu_paper)",
+    "image_size": "model input side, px", "epochs": "epochs", "batch_size": "images per step (per process)",
+    "lr": "peak learning rate", "min_lr": "cosine floor", "weight_decay": "AdamW/SGD weight decay (not on norms, biases)",
+    "optimizer": "optimizer", "schedule": "after warm-up", "warmup_epochs": "linear warm-up epochs",
+    "label_smoothing": "cross-entropy label smoothing", "augment": "batch augmentation (train/augment.py)",
+    "input_norm": "normalisation inside the model (od_instance: stain normalisation)",
+    "crop": "center: largest centred square; cell: square around the nucleus",
+    "cell_fill": "with --crop cell: share of the square's side the nucleus spans",
+    "ema_decay": "weight EMA decay (0: off)", "val_fraction": "validation share per class", "seed": "split and batches",
+    "workers": "processes decoding images", "device": "where to train", "amp": "mixed precision on GPU",
+    "channels_last": "NHWC memory layout", "threads": "torch CPU threads (0: default)",
+    "max_steps_per_epoch": "cap steps per epoch (0: full epochs; tests)", "mean": "RGB mean (imagenet norm)",
+    "std": "RGB std (imagenet norm)", "plots": "write accuracy/loss/confusion PNGs",
+}
+
+
+def field_choices() -> dict[str, tuple[str, ...]]:
+    from train.augment import AUGMENTS
+
+    return {"arch": tuple(ARCHS), "augment": tuple(AUGMENTS), "optimizer": ("adamw", "adam", "sgd"),
+            "schedule": ("cosine", "constant"), "input_norm": INPUT_NORMS, "crop": tuple(CROPS),
+            "device": ("auto", "cpu", "cuda")}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description="Train a cell classifier (MobileViT by default).")
     p.add_argument("--data", help="folder of class folders, or a .zip of one")
     p.add_argument("--run-dir", help="output folder (default runs/default)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="paper (GPU), cpu (2 cores, ~40 min), smoke (seconds); "
-                   "default: paper on a GPU, cpu otherwise")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper (GPU), cpu (2 cores), crosslab (other labs' "
+                   "pictures), smoke (seconds); default: paper on a GPU, cpu otherwise")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--config", help="a config.yaml to start from (e.g. a previous run's)")
     p.add_argument("--resume", action="store_true", default=None, help="continue runs/<name>/last.pt")
     # Every other field of TrainConfig can be overridden: --epochs 10 --lr 3e-3 ...
     skip = {"data", "run_dir", "preset", "resume"}
+    defaults, choices = TrainConfig(), field_choices()
     for f in fields(TrainConfig):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = f"{FIELD_HELP.get(f.name, f.name)} (default {getattr(defaults, f.name)!r}, before the preset"
+        text += f"; one of: {', '.join(choices[f.name])})" if f.name in choices else ")"
         if f.type in ("bool", bool):
-            p.add_argument(flag, type=_parse_bool, metavar="{true,false}", default=None)
+            p.add_argument(flag, type=_parse_bool, metavar="{true,false}", default=None, help=text)
         elif f.name in ("mean", "std"):
-            p.add_argument(flag, type=float, nargs=3, default=None)
+            p.add_argument(flag, type=float, nargs=3, default=None, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=None)
+            p.add_argument(flag, type=typ, default=None, help=text)
     return p
 
 
@@ -172,7 +202,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     # config.yaml gives back exactly that run's config (its overrides included)
     merged = {**PRESETS[preset], **base, "preset": preset}
     for k, v in vars(args).items():
-        if v is not None and k != "config":
+        if v is not None and k not in ("config", "print_config"):
             merged[k] = tuple(v) if isinstance(v, list) else v
     valid = {f.name for f in fields(TrainConfig)}
     unknown = set(merged) - valid
