@@ -1,0 +1,113 @@
+"""train.finetune on real images: run outputs, the K-shot split, a new class's output, errors; the benchmark summary."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.finetune import main, shot_split
+
+SHOTS = 2
+# the new lab's folder: real pbc images, 20 onward (the smoke checkpoint saw the first 12 of each class);
+# "newcell" (real basophils under a name the checkpoint does not know) must get a new output
+NEW_LAB = {"neutrophil": ("neutrophil", 5), "lymphocyte": ("lymphocyte", 3), "monocyte": ("monocyte", 1),
+           "newcell": ("basophil", 3)}
+
+
+@pytest.fixture(scope="module")
+def new_lab(pbc_dev: Path, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("new_lab")
+    for name, (source, n) in NEW_LAB.items():
+        (dest / name).mkdir()
+        for f in sorted((pbc_dev / source).iterdir())[20:20 + n]:
+            os.symlink(f, dest / name / f.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def ft_run(smoke_run: Path, new_lab: Path, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ft") / "ft_k2"
+    rc = main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(run_dir),
+               "--shots", str(SHOTS), "--epochs", "1", "--seed", "0"])
+    assert rc == 0, "fine-tune failed"
+    return run_dir
+
+
+@pytest.mark.parametrize("name", ["best.pt", "split.json", "config.yaml", "finetune.json"])
+def test_run_folder_has(ft_run: Path, name: str) -> None:
+    assert (ft_run / name).stat().st_size > 0
+
+
+def test_split_has_k_per_class_and_no_overlap(ft_run: Path) -> None:
+    split = json.loads((ft_run / "split.json").read_text())
+    train = [tuple(r) for r in split["train"]]
+    held = [tuple(r) for r in split["val"]]
+    for name, (_, n) in NEW_LAB.items():
+        assert sum(c == name for _, c in train) == min(SHOTS, n), name
+        assert sum(c == name for _, c in held) == n - min(SHOTS, n), name
+    assert not {p for p, _ in train} & {p for p, _ in held}
+    result = json.loads((ft_run / "finetune.json").read_text())
+    assert (result["train_images"], result["held_out_images"]) == (len(train), len(held))
+
+
+def test_unknown_class_gets_a_new_output(smoke_run: Path, ft_run: Path) -> None:
+    base = load_checkpoint(smoke_run / "best.pt")["classes"]
+    assert "newcell" not in base
+    ckpt = load_checkpoint(ft_run / "best.pt")
+    assert ckpt["classes"] == base + ["newcell"]
+    assert json.loads((ft_run / "finetune.json").read_text())["new_classes"] == ["newcell"]
+    model, prep, classes = model_from_checkpoint(ckpt, ft_run / "best.pt")
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, prep.input_size, prep.input_size))
+    assert tuple(logits.shape) == (2, len(base) + 1) == (2, len(classes))
+
+
+LABELS = [0] * 9 + [1] * 6 + [2] * 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_shot_split_same_for_a_seed(seed: int) -> None:
+    assert shot_split(LABELS, 3, seed) == shot_split(LABELS, 3, seed)
+
+
+@pytest.mark.parametrize("a,b", [(0, 1), (1, 2), (0, 7)])
+def test_shot_split_differs_across_seeds(a: int, b: int) -> None:
+    assert shot_split(LABELS, 3, a)[0] != shot_split(LABELS, 3, b)[0]
+
+
+@pytest.mark.parametrize("bad", ["missing_dir", "empty_dir", pytest.param(
+    "not_a_checkpoint.pt", marks=pytest.mark.xfail(raises=pickle.UnpicklingError, strict=True, reason=(
+        "train.checkpoint.load_checkpoint does not turn torch.load's UnpicklingError into a CheckpointError")))])
+def test_bad_from_exits_2_naming_the_path(bad: str, new_lab: Path, tmp_path: Path, caplog) -> None:
+    path = tmp_path / bad
+    if bad == "empty_dir":
+        path.mkdir()
+    elif bad.endswith(".pt"):
+        path.write_text("not a checkpoint")
+    rc = main(["--from", str(path), "--data", str(new_lab), "--run-dir", str(tmp_path / "out"), "--epochs", "1"])
+    assert rc == 2
+    assert str(path) in caplog.text
+    assert not (tmp_path / "out" / "best.pt").exists()
+
+
+def test_benchmark_summary_and_table() -> None:
+    from benchmarks.finetune_kshot import format_markdown, summarise
+
+    runs = [{"shots": k, "seed": s, "train_images": 4 * k, "held_out_images": 100 - 4 * k,
+             "held_out_accuracy": acc, "held_out_macro_f1": acc - 0.1, "wall_s": 10.0 * k}
+            for k, s, acc in [(5, 0, 0.8), (5, 1, 0.9), (10, 0, 0.95)]]
+    rows = summarise(runs)
+    assert [(r["shots"], r["draws"], r["train_images"]) for r in rows] == [(5, 2, [20]), (10, 1, [40])]
+    assert rows[0]["accuracy_mean"] == pytest.approx(0.85) and rows[0]["accuracy_std"] == pytest.approx(0.0707107)
+    assert (rows[0]["accuracy_min"], rows[0]["accuracy_max"], rows[1]["accuracy_std"]) == (0.8, 0.9, 0.0)
+    md = format_markdown({"from": "r", "data": "d", "command": "c", "epochs": 40, "threads": 0, "summary": rows,
+                          "load_average": {"before": 1.0, "after": 2.0},
+                          "machine": {"cpu_model": "CPU X", "processor": "", "cpu_count": 2, "usable_cores": 2,
+                                      "system": "Linux", "python": "3"}})
+    assert "| 5 | 2 | 20 | 80 | 85.0 ± 7.1 (80.0..90.0) | 75.0 ± 7.1 (70.0..80.0) | 50 |" in md
+    assert "CPU X" in md and "2 cores" in md
