@@ -11,7 +11,7 @@ ARGS     ?=
 RUN_DIR  := runs/$(RUN)
 
 .PHONY: install train export verify evaluate app app-assets test test-slow bench bench-tables bench-train-speed \
-        bench-flops train-all bench-robustness clean
+        bench-flops train-all finetune bench-finetune bench-robustness clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -69,6 +69,20 @@ train-all: install
 #   make bench-robustness RUN=gpu_c_rc_od_ls DATA=../shared/data/crosslab_dev ARGS="--images 100"
 bench-robustness: install
 	$(PY) -m benchmarks.robustness --run-dir $(RUN_DIR) $(if $(filter-out ../shared/data/pbc_dev,$(DATA)),--data $(DATA)) $(ARGS)
+
+# Adapt a trained run to a new lab from a few labelled cells: FROM is a run name (runs/FROM) or a path,
+# DATA the new lab's class folders (required: not the pbc_dev default), RUN the new run, e.g.
+#   make finetune FROM=gpu_c_rc_od_ls DATA=../shared/data/crosslab_dev RUN=crosslab_k10 ARGS="--shots 10"
+# bench-finetune: held-out accuracy for K = 5 10 20 shots x 3 draws -> runs/bench/finetune_kshot.{json,md}.
+FROM_PATH = $(if $(wildcard runs/$(FROM)),runs/$(FROM),$(FROM))
+NEED_FROM_DATA = $(if $(FROM),,$(error $@ needs FROM=<run name or checkpoint path>))$(if $(filter file,$(origin DATA)),$(error \
+                 $@ needs DATA=<the new lab's labelled folder>, e.g. DATA=../shared/data/crosslab_dev))
+
+finetune: install
+	$(NEED_FROM_DATA)$(PY) -m train.finetune --from $(FROM_PATH) --data $(DATA) --run-dir $(RUN_DIR) $(ARGS)
+
+bench-finetune: install
+	$(NEED_FROM_DATA)$(PY) -m benchmarks.finetune_kshot --from $(FROM_PATH) --data $(DATA) $(ARGS)
 
 clean:
 	rm -rf runs/smoke* .pytest_cache
