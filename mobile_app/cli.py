@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bundle", help="copy manifest + one verified model into the app's assets for a phone build")
     b.add_argument("--model-dir", type=Path, required=True, help="export folder with manifest.json")
     b.add_argument("--format", choices=FORMAT_CHOICES, default="onnx")
-    b.add_argument("--dest", type=Path, default=ASSETS_MODEL_DIR)
+    b.add_argument("--dest", type=Path, default=ASSETS_MODEL_DIR,
+                   help="the bundle folder: empty, new, or an earlier bundle (anything else is refused)")
+    b.add_argument("--allow-unverified", action="store_true",
+                   help="bundle a model file that `make verify` has not passed (or that failed it)")
     return p
 
 
@@ -119,9 +122,20 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    status = ((manifest.raw.get("metrics") or {}).get("verify") or {}).get(artifact.file, {}).get("status")
+    if status != "PASS" and not args.allow_unverified:
+        print(f"error: {artifact.file} has {'not been verified' if status is None else f'verify status {status!r}'}"
+              f" (make verify); refusing to put it in a phone build. Pass --allow-unverified to do it anyway.",
+              file=sys.stderr)
+        return 2
     dest: Path = args.dest
+    foreign = foreign_files(dest)
+    if foreign:
+        print(f"error: refusing to replace {dest}: it holds files that are not an earlier model bundle "
+              f"({', '.join(sorted(foreign)[:5])}); choose an empty or new folder", file=sys.stderr)
+        return 2
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.iterdir():  # one model per build: drop what an earlier bundle left
+    for old in dest.iterdir():  # one model per build: drop what an earlier bundle left (checked above)
         if old.name != ".gitkeep":
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     if src.is_dir():
@@ -133,6 +147,26 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     vendor_cellcore()
     print(f"bundled {artifact.file} + {MANIFEST_NAME} into {dest}" + (f" ({readable})" if readable else ""))
     return 0
+
+
+def foreign_files(dest: Path) -> list[str]:
+    """Names in `dest` that an earlier bundle did not put there ([] for a new, empty or bundle folder)."""
+    import json
+
+    from mobile_app.manifest import MANIFEST_NAME
+
+    if not dest.exists():
+        return []
+    if not dest.is_dir():
+        return [dest.name]
+    names = {p.name for p in dest.iterdir()} - {".gitkeep"}
+    if not names:
+        return []
+    try:
+        owned = {MANIFEST_NAME} | {a["file"] for a in json.loads((dest / MANIFEST_NAME).read_text())["artifacts"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(names)  # no readable manifest: not a bundle
+    return sorted(names - owned)
 
 
 def vendor_cellcore() -> Path:

@@ -83,9 +83,28 @@ def test_cli_json_and_folders(smoke_export: Path, pbc_dev: Path, tmp_path: Path,
 def test_bundle_copies_one_verified_model(smoke_export: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     dest = tmp_path / "assets" / "model"
-    dest.mkdir(parents=True)
-    (dest / "stale.pte").write_bytes(b"old")
-    assert cli.main(["bundle", "--model-dir", str(smoke_export), "--format", "onnx", "--dest", str(dest)]) == 0
+    # the smoke export is not verified (its tiny model would fail gates by chance): say so explicitly
+    args = ["bundle", "--model-dir", str(smoke_export), "--dest", str(dest), "--allow-unverified"]
+    assert cli.main([*args, "--format", "executorch"]) == 0  # an earlier bundle ...
+    assert cli.main([*args, "--format", "onnx"]) == 0  # ... is replaced whole
     assert sorted(p.suffix for p in dest.iterdir()) == [".json", ".onnx"]
     clf = CellClassifier(dest, platform="desktop")  # the bundled folder works on its own
     assert clf.load().name == "onnxruntime"
+
+
+@pytest.mark.parametrize("case", ["foreign folder", "unverified"])
+def test_bundle_refuses_a_foreign_folder_and_an_unverified_model(case: str, smoke_export: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    dest = tmp_path / "app_source"
+    dest.mkdir()
+    (dest / "ui.py").write_text("# the app's own source: must never be deleted by bundle\n")
+    extra = ["--allow-unverified"] if case == "foreign folder" else []
+    if case == "unverified":
+        (dest / "ui.py").unlink()
+    rc = cli.main(["bundle", "--model-dir", str(smoke_export), "--format", "onnx", "--dest", str(dest), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    if case == "foreign folder":
+        assert "not an earlier model bundle (ui.py)" in err and (dest / "ui.py").exists()
+    else:
+        assert "not been verified" in err and "--allow-unverified" in err and not any(dest.iterdir())
