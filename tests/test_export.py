@@ -125,12 +125,25 @@ def test_verify_refuses_a_checkpoint_trained_after_export(export_copy: Path, cap
     assert "is not the checkpoint" in caplog.text and "Export again" in caplog.text
 
 
-def test_failed_gate_exits_nonzero_naming_it(smoke_export: Path, monkeypatch, caplog) -> None:
+@pytest.mark.parametrize("gate,value,failing", [
+    ("FP32_MAX_LOGIT_DIFF", 0.0, "mobilevit_xxs_onnx_fp32.onnx"),  # no real export is bit-exact
+    ("LOW_PRECISION_MAX_RECALL_DROP", -1.0, "mobilevit_xxs_onnx_int8.onnx"),  # no recall can rise by a point
+    ("LOW_PRECISION_MAX_F1_DROP", -101.0, "mobilevit_xxs_xnnpack_int8.pte"),
+])
+def test_failed_gate_exits_nonzero_naming_it(gate: str, value: float, failing: str, smoke_export: Path, monkeypatch,
+                                             caplog) -> None:
     import export.verify as verify
 
-    monkeypatch.setattr(verify, "FP32_MAX_LOGIT_DIFF", 0.0)  # no real export is bit-exact: must fail
+    monkeypatch.setattr(verify, gate, value)
     assert verify.main(["--run-dir", str(smoke_export.parent), "--limit", "8"]) == 1
-    assert "verification FAILED for: mobilevit_xxs_onnx_fp32.onnx" in caplog.text
+    assert "verification FAILED for:" in caplog.text and failing in caplog.text
+
+
+@pytest.mark.parametrize("k,n,lo,hi", [(50, 100, 0.404, 0.596), (0, 10, 0.0, 0.278), (264, 264, 0.986, 1.0)])
+def test_wilson_interval(k: int, n: int, lo: float, hi: float) -> None:
+    from export.verify import wilson
+
+    assert wilson(k, n) == pytest.approx((lo, hi), abs=1e-3)
 
 
 def test_tampered_artifact_is_refused(export_copy: Path, caplog) -> None:
