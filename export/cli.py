@@ -58,6 +58,18 @@ def uncertainty_record(val_logits: np.ndarray, labels: np.ndarray, target: float
                     "(threshold null: always uncertain)"}
 
 
+class ExportFailed(RuntimeError):
+    """No format could be exported; the previous export is left as it was."""
+
+
+def _recover(out_dir: Path) -> None:
+    """An export killed between its two renames left the previous folder as .export-old: put it back."""
+    old = out_dir.parent / ".export-old"
+    if old.is_dir() and not out_dir.exists():
+        old.rename(out_dir)
+        log.warning("restored the previous export from %s (an earlier export was interrupted)", old)
+
+
 def _calibration_indices(labels: np.ndarray, n: int) -> np.ndarray:
     """An even spread over the training set, class by class (labels are sorted by class in the split)."""
     if n >= len(labels):
@@ -122,6 +134,7 @@ def run_export(cfg: ExportConfig) -> Path:
 
     out_dir = run_dir / "export"
     stage = run_dir / ".export-staging"
+    _recover(out_dir)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     version = cfg.version or f"{run_dir.name}-e{ckpt['epoch']}"
@@ -129,16 +142,20 @@ def run_export(cfg: ExportConfig) -> Path:
                 "preprocessing": prep.resize, "notice": NOTICE}
     ctx = ExportContext(model=model, arch=arch, classes=classes, input_size=prep.input_size, calib=calib_x,
                         out_dir=stage, metadata=metadata)
-    entries = []
-    try:
-        for i, name in enumerate(cfg.formats, 1):
-            log.info("[4/5] (%d/%d) exporting %s ...", i, len(cfg.formats), name)
+    entries, failed = [], []
+    for i, name in enumerate(cfg.formats, 1):
+        log.info("[4/5] (%d/%d) exporting %s ...", i, len(cfg.formats), name)
+        try:
             entries.append(EXPORTERS[name](ctx))
-    except Exception:
-        # Any exporter failure fails the command; the previous export/ (if any) is left untouched.
+        except Exception as exc:  # noqa: BLE001 - any exporter's failure (coremltools, torch.export, ...) is
+            # that format's alone: recorded with its reason, the other formats are still written and verified
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            log.error("%s FAILED, the other formats go on: %s", name, reason)
+            failed.append({"format": name, "status": "failed", "reason": reason})
+    if not entries:
         shutil.rmtree(stage, ignore_errors=True)
-        raise
-    wanted = {e["file"] for e in entries}
+        raise ExportFailed(f"every format failed ({'; '.join(f['format'] + ': ' + f['reason'] for f in failed)}); "
+                           f"the previous export in {out_dir} is untouched")
     for e in entries:
         p = stage / e["file"]
         e["size_bytes"], e["sha256"] = size_of(p), sha256_of(p)
@@ -176,20 +193,17 @@ def run_export(cfg: ExportConfig) -> Path:
         "tools": tool_versions(),
         "notice": NOTICE,
     }
-    out_dir.mkdir(exist_ok=True)
-    for e in entries:
-        dest = out_dir / e["file"]
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        shutil.move(str(stage / e["file"]), dest)
-    shutil.rmtree(stage, ignore_errors=True)
-    # Files of formats not exported this time are stale: remove them so the folder matches the manifest.
-    for old in out_dir.glob(f"{arch}_*"):
-        if old.name not in wanted:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    path = write_manifest(manifest, out_dir)
+    manifest["failed_formats"] = failed
+    # The whole folder is built aside (artifacts + manifest), then swapped in: the previous export stays
+    # whole until the new one is complete, and a crash between the two renames is undone by _recover.
+    path = write_manifest(manifest, stage)
+    old = run_dir / ".export-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    stage.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    path = out_dir / path.name
     log.info("[5/5] wrote %s with %d artifacts", path, len(entries))
     return out_dir
 
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                        target_accuracy=args.target_accuracy, data=args.data, version=args.version)
     try:
         run_export(cfg)
-    except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError, ExportFailed) as exc:
         log.error("%s", exc)
         return 2
     return 0

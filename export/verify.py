@@ -213,6 +213,11 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
         ok &= passed
         rows.append(row)
 
+    for f in manifest.get("failed_formats", []):  # export could not write it: verification fails, naming why
+        rows.append({"format": f["format"], "precision": "", "file": f["format"], "status": "FAILED", "size_mb": 0.0,
+                     "accuracy": None, "macro_f1": None, "agreement": None, "max_abs_logit_diff": None,
+                     "ms_per_image": None, "gate": "exported", "note": f"export failed: {f['reason']}"})
+        ok = False
     for r in rows:  # every accuracy on a few hundred images gets its 95% interval
         if r["accuracy"] is not None:
             r["accuracy_ci95"] = wilson(round(r["accuracy"] * len(y)), len(y))

@@ -207,3 +207,34 @@ def test_export_errors_are_clear(damage: str, expected: str, export_copy: Path, 
     assert main(["--run-dir", str(run), "--formats", *formats]) == 2
     assert expected in caplog.text
     assert (export_copy / "export" / "manifest.json").read_text() == before  # old export untouched
+
+
+@pytest.mark.parametrize("broken", [["coreml_fp16"], ["onnx_fp32", "onnx_int8", "coreml_fp16"]],
+                         ids=["one_format", "every_format"])
+def test_a_failing_exporter_fails_alone_and_never_touches_the_previous_export(broken: list[str], export_copy: Path,
+                                                                              monkeypatch, caplog) -> None:
+    import export.exporters as exporters
+    from export.cli import main
+    from export.verify import main as verify_main
+
+    def boom(ctx):
+        raise RuntimeError("converter crashed")
+
+    for name in broken:
+        monkeypatch.setitem(exporters.EXPORTERS, name, boom)
+    formats = ["onnx_fp32", "onnx_int8", "coreml_fp16"]
+    before = (export_copy / "export" / "manifest.json").read_text()
+    rc = main(["--run-dir", str(export_copy), "--formats", *formats, "--calib-images", "16"])
+    if len(broken) == len(formats):
+        assert rc == 2 and "every format failed" in caplog.text
+        assert (export_copy / "export" / "manifest.json").read_text() == before  # old export intact
+        assert (export_copy / "export" / "mobilevit_xxs_xnnpack_fp32.pte").exists()
+        return
+    assert rc == 0 and "coreml_fp16 FAILED, the other formats go on" in caplog.text
+    m = read_manifest(export_copy / "export")
+    assert [a["file"] for a in m["artifacts"]] == ["mobilevit_xxs_onnx_fp32.onnx", "mobilevit_xxs_onnx_int8.onnx"]
+    assert m["failed_formats"] == [{"format": "coreml_fp16", "status": "failed", "reason": "RuntimeError: converter crashed"}]
+    assert not (export_copy / "export" / "mobilevit_xxs_xnnpack_fp32.pte").exists()  # stale files gone with the swap
+    assert verify_main(["--run-dir", str(export_copy), "--limit", "8"]) == 1  # verify names the failed format
+    rows = {r["file"]: r for r in json.loads((export_copy / "export" / "verify.json").read_text())["rows"]}
+    assert rows["coreml_fp16"]["status"] == "FAILED" and rows["mobilevit_xxs_onnx_fp32.onnx"]["status"] == "PASS"
