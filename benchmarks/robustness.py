@@ -236,17 +236,10 @@ def load_val(run_dir: Path, classes: list[str], n: int, seed: int) -> Source:
 
 def load_folder(folder: Path | str, classes: list[str]) -> Source:
     """Every image of a labelled class-folder dataset, its folder names mapped onto the model's classes."""
-    from train.data import DatasetError, load_rgb, scan_dataset
+    from train.data import load_rgb, scan_onto_classes
 
-    samples = scan_dataset(folder)
-    unknown = sorted(set(samples.classes) - set(classes))
-    if unknown:
-        raise DatasetError(f"{folder}: class folder(s) {', '.join(unknown)} are not among the model's classes "
-                           f"({', '.join(classes)}); rename them or leave them out")
-    missing = sorted(set(classes) - set(samples.classes))
-    if missing:
-        log.info("%s has no images of %s", folder, ", ".join(missing))
-    labels = np.asarray([classes.index(samples.classes[i]) for i in samples.labels], dtype=np.int64)
+    samples = scan_onto_classes(folder, classes)
+    labels = np.asarray(samples.labels, dtype=np.int64)
     log.info("decoding %d images from %s", len(samples.paths), samples.root)
     return Source(name=Path(folder).name, description=f"{folder} ({len(labels)} images, unshifted)",
                   images=[load_rgb(samples.root / p) for p in samples.paths], keys=list(samples.paths),

@@ -67,20 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_images(cfg: VerifyConfig, ckpt: dict, classes: list[str]):
     """-> (x [N, 3, S, S] float32 0..1, labels [N], source description). Decoded as the app decodes."""
-    from train.data import ClassMap, DatasetError, ImageCache, load_split_samples, scan_dataset
+    from train.data import ImageCache, load_split_samples, scan_onto_classes
     from train.preprocess import Preprocessing
 
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     if cfg.data:
-        samples = scan_dataset(cfg.data, ClassMap.load(ckpt.get("class_map")))
-        extra = sorted(set(samples.classes) - set(classes))
-        if extra:
-            raise DatasetError(f"{cfg.data}: classes {extra} are not among the model's classes {classes}")
-        missing = sorted(set(classes) - set(samples.classes))
-        if missing:
-            log.warning("%s has no images of %s; those classes are not measured", cfg.data, missing)
-        samples.labels = [classes.index(samples.classes[i]) for i in samples.labels]
-        samples.classes = classes
+        samples = scan_onto_classes(cfg.data, classes, ckpt.get("class_map"))
         source = str(cfg.data)
     else:
         samples = load_split_samples(Path(cfg.run_dir) / "split.json", "val")

@@ -167,4 +167,4 @@ def test_evaluate_refuses_a_folder_with_other_classes(smoke_run: Path, pbc_sampl
         for f in sorted((pbc_sample / "neutrophil").iterdir())[:2]:
             os.symlink(f.resolve(), other / cls / f.name)
     assert main(["--run-dir", str(smoke_run), "--data", str(other)]) == 2
-    assert "['blast'] are not classes of" in caplog.text
+    assert "['blast'] are not among the model's classes" in caplog.text

@@ -230,6 +230,23 @@ def scan_dataset(path: Path | str, class_map: ClassMap | None = None, seed: int 
     return Samples(root=root, paths=paths, labels=labels, classes=classes)
 
 
+def scan_onto_classes(folder: Path | str, classes: list[str], class_map: "ClassMap | dict | None" = None) -> Samples:
+    """A labelled folder whose class names are (a subset of) a model's, with labels in the model's order.
+
+    A folder class the model does not know is refused, naming it; a model class the folder lacks is
+    logged (its recall cannot be measured there).
+    """
+    samples = scan_dataset(folder, ClassMap.load(class_map) if not isinstance(class_map, ClassMap) else class_map)
+    unknown = sorted(set(samples.classes) - set(classes))
+    if unknown:
+        raise DatasetError(f"{folder}: classes {unknown} are not among the model's classes {classes}")
+    missing = sorted(set(classes) - set(samples.classes))
+    if missing:
+        log.warning("%s has no images of %s: their recall is not measured", folder, ", ".join(missing))
+    return Samples(samples.root, samples.paths, [classes.index(samples.classes[i]) for i in samples.labels],
+                   list(classes))
+
+
 # ----------------------------------------------------------------------------- split
 
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

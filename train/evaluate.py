@@ -27,23 +27,14 @@ def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_siz
     import torch
 
     from train.checkpoint import load_checkpoint, model_from_checkpoint
-    from train.data import ClassMap, DatasetError, ImageCache, load_split_samples, scan_dataset
+    from train.data import DatasetError, ImageCache, load_split_samples, scan_onto_classes
     from train.engine import predict_logits, to_tensor_nchw
     from train.metrics import report
 
     ckpt = load_checkpoint(checkpoint)
     model, prep, classes = model_from_checkpoint(ckpt, checkpoint)
     if data:
-        samples = scan_dataset(data, ClassMap.load(ckpt.get("class_map")))
-        unknown = sorted(set(samples.classes) - set(classes))
-        if unknown:
-            raise DatasetError(f"{data}: classes {unknown} are not classes of {checkpoint} "
-                               f"(it knows: {', '.join(classes)})")
-        missing = sorted(set(classes) - set(samples.classes))
-        if missing:
-            log.warning("%s has no images of %s: their recall is not measured", data, ", ".join(missing))
-        samples.labels = [classes.index(samples.classes[i]) for i in samples.labels]
-        samples.classes = classes
+        samples = scan_onto_classes(data, classes, ckpt.get("class_map"))
         source = str(data)
     else:
         if run_dir is None:
