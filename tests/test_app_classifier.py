@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cellcore.uncertainty import rule_for, softmax
 from tests.fixtures_app import images as img
 from mobile_app import cli
 from mobile_app.classifier import UNCERTAIN_MESSAGE, CellClassifier
@@ -49,8 +50,9 @@ def test_top1_agrees_with_pytorch_checkpoint(fmt: str, smoke_export: Path, photo
     app_top1 = np.array([classes.index(p.label) for p in preds])
     ref_top1 = torch_logits.argmax(1)
     agree = int((app_top1 == ref_top1).sum())
-    ref_probs = np.exp(torch_logits - torch_logits.max(1, keepdims=True))
-    ref_probs /= ref_probs.sum(1, keepdims=True)
+    rule = rule_for(clf.manifest.raw, clf.artifact.file)  # the app's probabilities are calibrated (temperature)
+    assert rule.temperature != 1.0  # the smoke model's fitted T: a test that would pass uncalibrated is no test
+    ref_probs = softmax(torch_logits, rule.temperature)
     max_prob_diff = float(np.abs(np.array([p.probabilities for p in preds]) - ref_probs).max())
     record_property(f"top1_agreement_{fmt}", f"{agree}/{len(photos)}")
     record_property(f"max_prob_diff_{fmt}", max_prob_diff)
@@ -60,8 +62,8 @@ def test_top1_agrees_with_pytorch_checkpoint(fmt: str, smoke_export: Path, photo
         gap = abs(torch_logits[i, app_top1[i]] - torch_logits[i, ref_top1[i]])
         assert gap < TIE, f"{photos[i].name}: app says {classes[app_top1[i]]}, PyTorch {classes[ref_top1[i]]}"
     assert max_prob_diff < 1e-3
-    threshold = clf.manifest.threshold
-    assert all(p.uncertain == (p.probability < threshold) for p in preds)
+    assert all(p.uncertain == rule.uncertain(p.probability, p.problems) for p in preds)
+    assert all(p.threshold == rule.threshold for p in preds)
     assert all(p.message == (UNCERTAIN_MESSAGE if p.uncertain else "") for p in preds)
 
 
@@ -77,7 +79,7 @@ def test_cli_json_and_folders(smoke_export: Path, pbc_dev: Path, tmp_path: Path,
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in folder.glob("*.jpg"))
     for r in rows:
         assert len(r["top"]) == 3 and r["top"][0][0] == r["label"] and r["inference_ms"] > 0
-        assert r["uncertain"] == (r["probability"] < r["threshold"])
+        assert r["uncertain"] == (bool(r["problems"]) or r["threshold"] is None or r["probability"] < r["threshold"])
 
 
 def test_bundle_copies_one_verified_model(smoke_export: Path, tmp_path: Path,
