@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The cross-lab recipe search of README "Cells from other labs", as it ran on one H200 (torch 2.11):
+# candidates of the cpu preset on half of pbc_dev, all at once on the GPU, each evaluated on crosslab_dev.
+#   python -m benchmarks.half_split --data ../shared/data/pbc_dev --out DATA_DIR   # (then copy the _half folder)
+#   bash benchmarks/device/tune_gpu.sh DATA_DIR/pbc_dev_half ../shared/data/crosslab_dev [1|2]
+# Round 1: augmentation and input normalisation; round 2: the nucleus-centred crop. Tables: runs/gpu/tune_gpu*.md
+set -euo pipefail
+DATA=${1:?training folder}; EVAL=${2:?other lab folder}; ROUND=${3:-1}
+C="--device cuda --workers 2 --plots false --threads 1"
+if [[ $ROUND == 1 ]]; then
+  python3 -m benchmarks.tune_cpu_preset --data "$DATA" --eval-data "$EVAL" --out runs/gpu --name tune_gpu --parallel 10 \
+    --candidate "base:--augment dihedral $C" \
+    --candidate "dih_od:--augment dihedral --input-norm od_instance $C" \
+    --candidate "rob_in:--augment robust $C" \
+    --candidate "rob_od:--augment robust --input-norm od_instance $C" \
+    --candidate "rob_rgb:--augment robust --input-norm rgb_instance $C" \
+    --candidate "rob_od_ls:--augment robust --input-norm od_instance --label-smoothing 0.1 $C" \
+    --candidate "rob_od_e60:--augment robust --input-norm od_instance --epochs 60 --warmup-epochs 18 $C" \
+    --candidate "mild_od:--augment robust_mild --input-norm od_instance $C" \
+    --candidate "strong_od:--augment robust_strong --input-norm od_instance $C" \
+    --candidate "strong_rgb:--augment robust_strong --input-norm rgb_instance $C"
+else
+  python3 -m benchmarks.tune_cpu_preset --data "$DATA" --eval-data "$EVAL" --out runs/gpu --name tune_gpu2 --parallel 8 \
+    --candidate "c_dih_od:--crop cell --augment dihedral --input-norm od_instance $C" \
+    --candidate "c_dih_in:--crop cell --augment dihedral $C" \
+    --candidate "c_rc_od:--crop cell --augment robust_cell --input-norm od_instance $C" \
+    --candidate "c_rc_in:--crop cell --augment robust_cell $C" \
+    --candidate "c_mild_od:--crop cell --augment robust_mild --input-norm od_instance $C" \
+    --candidate "c_rc_od_f45:--crop cell --cell-fill 0.45 --augment robust_cell --input-norm od_instance $C" \
+    --candidate "c_rcg_od:--crop cell --augment robust_cell_gray --input-norm od_instance $C" \
+    --candidate "c_rc_od_ls:--crop cell --augment robust_cell --input-norm od_instance --label-smoothing 0.1 $C"
+fi
