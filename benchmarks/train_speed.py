@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 NOTES = """\
 The data path is the one train.engine.fit runs: decode once into train.data.ImageCache (real images),
-then per step gather a batch from RAM, scale to 0..1, train.augment.CellAugment, channels_last. It
+then per step gather a batch (train.step.TrainBatches: from RAM on CPU, from GPU memory on CUDA), scale to
+0..1, the preset's augmentation, channels_last. It
 runs in the training process between model steps, so the end-to-end rate is 1 / (1/model + 1/loader);
 loader/model > 1 means the model, not the data, sets the pace.
 """
@@ -28,48 +29,53 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def model_rate(arch: str, num_classes: int, cfg, device, steps: int, warmup: int) -> dict:
-    """Images/s of forward + backward + AdamW step on random [B, 3, S, S] tensors, as train.engine does it."""
-    import torch
-    import torch.nn.functional as F
+def model_rate(arch: str, num_classes: int, cfg, device, steps: int, warmup: int, compile: bool = False,
+               backend: str = "inductor") -> dict:
+    """Images/s of forward + backward + optimizer step on random [B, 3, S, S] tensors, with the training loop's own
+    step (train.step.TrainStep: its precision choice, fused AdamW on CUDA, and torch.compile when asked).
 
-    from train.engine import make_optimizer
+    With compile the first step (tracing + compiling) is reported apart as first_step_s and is never timed;
+    peak_memory_gb is the GPU's allocation peak over the whole measurement.
+    """
+    import torch
+
     from train.models import create_model
+    from train.step import TrainStep, choose_precision, cuda_capability, make_optimizer
 
     torch.manual_seed(0)
     model = create_model(arch, num_classes, cfg.mean, cfg.std, cfg.input_norm).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = make_optimizer(model, cfg)
     on_gpu = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and on_gpu and amp_dtype == torch.float16)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    precision = choose_precision(device.type, cfg.amp, cfg.amp_dtype, cuda_capability(device))
+    opt = make_optimizer(model, cfg, fused=on_gpu and cfg.optimizer in ("adamw", "adam"))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     b, s = cfg.batch_size, cfg.image_size
+    step = TrainStep(model, opt, scaler, precision, device, compile=compile, static_batch=b, backend=backend,
+                     compile_setting="on")
     x = torch.rand(b, 3, s, s, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (b,), device=device)
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp and on_gpu):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    for _ in range(warmup):
-        step()
+    for _ in range(max(warmup, 1) if compile else warmup):
+        step(x, y)
     _sync(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        step(x, y)
         _sync(device)
         times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
-    return {"step_s_median": med, "images_per_s": b / med, "steps": steps}
+    out = {"step_s_median": med, "images_per_s": b / med, "steps": steps, "precision": precision.name,
+           "compiled": compile, "first_step_s": step.first_step_s.get("compiled" if compile else "eager")}
+    if on_gpu:
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
 
 
 def build_cache(data: str, cfg, per_class: int, workers: int):
@@ -95,29 +101,23 @@ def build_cache(data: str, cfg, per_class: int, workers: int):
 
 
 def loader_rate(cache, cfg, device, steps: int, warmup: int) -> dict:
-    """Images/s of the per-step data path of train.engine.fit: gather from RAM, to device, /255, augment, layout."""
+    """Images/s of the per-step data path of train.engine.fit: train.step.TrainBatches (gather from RAM on CPU,
+    from the GPU-resident cache on CUDA), /255, augment on the device, layout."""
     import torch
 
     from train.augment import AUGMENTS
-    from train.engine import to_tensor_nchw
+    from train.step import TrainBatches, augment_batch
 
-    train_x = to_tensor_nchw(cache.images)
-    train_src = to_tensor_nchw(cache.sources) if cache.sources is not None else None  # [N, 3, kS, kS] uint8
-    train_y = torch.from_numpy(cache.labels)
+    batches = TrainBatches(cache.images, cache.labels, cache.sources, device)
     augment = AUGMENTS[cfg.augment]
     g = torch.Generator().manual_seed(0)
     b = cfg.batch_size
 
     def step() -> None:
-        idx = torch.randint(0, len(train_x), (b,), generator=g)  # the balanced sampler draws with replacement too
-        x = train_x[idx].to(device, non_blocking=True).float().div_(255)
-        train_y[idx].to(device, non_blocking=True)
-        if train_src is not None:
-            x = augment(x, train_src[idx].to(device, non_blocking=True).float().div_(255))
-        elif augment is not None:
-            x = augment(x)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the balanced sampler draws with replacement too
+        order = batches.epoch_order(torch.randint(0, len(batches), (b,), generator=g))
+        x, _, src = batches.batch(order, 0, b)
+        augment_batch(x, src, augment, cfg.channels_last)
 
     for _ in range(warmup):
         step()
@@ -129,7 +129,8 @@ def loader_rate(cache, cfg, device, steps: int, warmup: int) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
-    return {"step_s_median": med, "images_per_s": b / med, "steps": steps, "augment": cfg.augment}
+    return {"step_s_median": med, "images_per_s": b / med, "steps": steps, "augment": cfg.augment,
+            "resident_on_gpu": batches.resident}
 
 
 def preset_config(preset: str, image_size: int | None, batch: int | None):
@@ -149,7 +150,7 @@ def format_markdown(doc: dict) -> str:
     lines = [f"# Training speed ({doc['device']}, {doc['threads']} torch threads)", "",
              f"Machine: {m['cpu']} ({m['usable_cores']} usable cores), torch {m['versions'].get('torch')}.",
              "Model: forward + backward + AdamW step on synthetic tensors of the preset's shape (as train.engine). "
-             "Loader: the engine's per-step data path on a real ImageCache (gather, /255, CellAugment, "
+             "Loader: the engine's per-step data path on a real ImageCache (gather, /255, the preset's augmentation, "
              "channels_last). Both run in the training process one after the other, so end-to-end = "
              "1 / (1/model + 1/loader).", ""]
     load = doc["load_average"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,8 +108,13 @@ def _metrics(run: Path) -> list[dict]:
     return list(csv.DictReader(open(run / "metrics.csv")))
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema-decay", "0.99", "--warmup-epochs", "2"]], ids=["plain", "ema_warmup"])
+# ema_warmup and fp16_gradscaler take 40-80 s each on 2 cores: `make test-slow` runs them
+@pytest.mark.parametrize("extra", [[], pytest.param(["--ema-decay", "0.99", "--warmup-epochs", "2"], marks=pytest.mark.slow),
+                                   pytest.param(["--amp-dtype", "fp16"], marks=pytest.mark.slow)],
+                         ids=["plain", "ema_warmup", "fp16_gradscaler"])
 def test_killed_run_resumes_and_matches_an_unbroken_run(extra: list[str], pbc_sample: Path, tmp_path: Path) -> None:
+    """fp16_gradscaler: autocast to fp16 with torch.amp.GradScaler("cpu"), the path of GPUs without native bf16:
+    the scaler's state (loss scale, growth tracker) goes into last.pt and comes back on --resume."""
     args = [sys.executable, "-m", "train", "--data", str(pbc_sample), *SMOKE, "--epochs", "5",
             "--max-steps-per-epoch", "5", "--plots", "false", "--threads", "1", *extra]
     broken, whole = tmp_path / "broken", tmp_path / "whole"
@@ -121,27 +127,88 @@ def test_killed_run_resumes_and_matches_an_unbroken_run(extra: list[str], pbc_sa
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = load_checkpoint(broken / "last.pt")["epoch"]  # atomic: the file on disk is whole
+    interrupted = load_checkpoint(broken / "last.pt")  # atomic: the file on disk is whole
+    done = interrupted["epoch"]
     assert 2 <= done < 5, f"run was not interrupted mid-training ({done} epochs done)"
-    subprocess.run([*args, "--run-dir", str(broken), "--resume"], env=_env(), cwd=REPO, check=True,
-                   capture_output=True)
+    fresh_scaler = {"scale": 65536.0, "_growth_tracker": 0}
+    if "fp16" in extra:  # a scaler that has counted steps: restoring it is observable
+        assert {k: interrupted["scaler"][k] for k in fresh_scaler} != fresh_scaler, interrupted["scaler"]
+    else:
+        assert interrupted["scaler"] is None
+    resumed = subprocess.run([*args, "--run-dir", str(broken), "--resume"], env=_env(), cwd=REPO, check=True,
+                             capture_output=True, text=True)
+    if "fp16" in extra:  # the scaler in the resumed process is the one saved, not a fresh one
+        sc = interrupted["scaler"]
+        assert f"GradScaler restored: scale {sc['scale']:g}, growth tracker {sc['_growth_tracker']}" in resumed.stderr
     subprocess.run([*args, "--run-dir", str(whole)], env=_env(), cwd=REPO, check=True, capture_output=True)
     a, b = _metrics(broken), _metrics(whole)
     assert [int(r["epoch"]) for r in a] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b):  # same batches, same augmentation, same weights: resume is exact
         assert float(ra["val_loss"]) == pytest.approx(float(rb["val_loss"]), abs=1e-4)
         assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), abs=1e-4)
+    assert load_checkpoint(broken / "last.pt")["scaler"] == load_checkpoint(whole / "last.pt")["scaler"]
 
 
-def test_ddp_two_processes_gloo(pbc_sample: Path, tmp_path: Path) -> None:
-    run = tmp_path / "ddp"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "-m", "train", "--data", str(pbc_sample), "--run-dir", str(run), *SMOKE, "--device", "cpu",
+def test_epoch_loss_and_accuracy_are_the_per_step_values(pbc_sample: Path, tmp_path: Path, monkeypatch) -> None:
+    """The loop sums loss and correct predictions on the device and reads them once per epoch (no .item() per
+    step on a GPU); metrics.csv must hold exactly what the per-step `loss.item() * n` sums gave, uneven last
+    batch included."""
+    import torch.nn.functional as F
+
+    from train.cli import main
+
+    real, steps = F.cross_entropy, []
+
+    def recording(logits, y, *args, **kwargs):
+        loss = real(logits, y, *args, **kwargs)
+        if logits.requires_grad:  # training steps only (validation runs under no_grad)
+            steps.append((loss.item(), len(y), int((logits.argmax(1) == y).sum())))
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", recording)
+    run = tmp_path / "acc"
+    assert main(["--data", str(pbc_sample), "--run-dir", str(run), *SMOKE, "--epochs", "2", "--batch-size", "30",
+                 "--max-steps-per-epoch", "0", "--plots", "false", "--threads", "1"]) == 0
+    rows = _metrics(run)
+    n_train = len(json.loads((run / "split.json").read_text())["train"])
+    sizes = [min(30, n_train - i) for i in range(0, n_train, 30)]
+    assert len(sizes) == 3 and sizes[-1] < 30  # the sample's 80-odd training images: an uneven last batch
+    assert [n for _, n, _ in steps] == sizes * 2
+    for row, epoch_steps in zip(rows, (steps[:3], steps[3:])):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for loss, n, c in epoch_steps:  # the old loop's arithmetic
+            loss_sum += loss * n
+            correct += c
+            seen += n
+        assert float(row["train_loss"]) == loss_sum / seen
+        assert float(row["train_acc"]) == correct / seen
+
+
+@pytest.mark.parametrize("kind,port", [("folder", 29533), ("zip", 29534)])
+def test_ddp_two_processes_gloo(kind: str, port: int, pbc_sample: Path, tmp_path: Path) -> None:
+    """Two ranks: rank 0 extracts a .zip and decodes the training images once, rank 1 waits and memory-maps them."""
+    import zipfile
+
+    run, cache = tmp_path / "ddp", tmp_path / "xdg_cache"
+    data = pbc_sample
+    if kind == "zip":
+        data = tmp_path / "cells.zip"
+        with zipfile.ZipFile(data, "w") as zf:
+            for f in sorted(pbc_sample.rglob("*.jpg")):
+                zf.write(f, f"cells/{f.relative_to(pbc_sample)}")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "train", "--data", str(data), "--run-dir", str(run), *SMOKE, "--device", "cpu",
                           "--epochs", "2", "--threads", "1", "--plots", "false"],
-                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+                         env={**_env(), "XDG_CACHE_HOME": str(cache)}, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world=2" in (run / "train.log").read_text()
     assert len(_metrics(run)) == 2 and load_checkpoint(run / "best.pt")["epoch"] in (1, 2)
+    assert re.search(r"rank 1: \d+ decoded training images memory-mapped", res.stderr), res.stderr[-3000:]
+    assert not list(run.glob(".decoded*")), "the shared decode is removed once every rank has mapped it"
+    if kind == "zip":  # extracted once, atomically: one complete folder, no temp folders left
+        extracted = list((cache / "cellvit-mobile").iterdir())
+        assert len(extracted) == 1 and (extracted[0] / ".complete").exists(), extracted
 
 
 def test_evaluate_on_a_folder_and_on_the_split(smoke_run: Path, pbc_sample: Path, tmp_path: Path, capsys) -> None:
@@ -153,8 +220,12 @@ def test_evaluate_on_a_folder_and_on_the_split(smoke_run: Path, pbc_sample: Path
     assert rep["n"] == 96 and set(rep) >= {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"}
     assert sum(map(sum, rep["confusion_matrix"])) == 96
     assert "macro-F1" in capsys.readouterr().out
-    assert main(["--run-dir", str(smoke_run)]) == 0
-    assert json.loads((smoke_run / "eval" / "val.json").read_text())["n"] == 8
+    assert main(["--run-dir", str(smoke_run)]) == 0  # default: the held-out test split, never the val that chose best.pt
+    test = json.loads((smoke_run / "eval" / "test.json").read_text())
+    split = json.loads((smoke_run / "split.json").read_text())
+    assert test["n"] == len(split["test"]) == 8 and "test split" in test["source"]
+    assert main(["--run-dir", str(smoke_run), "--split", "val"]) == 0
+    assert json.loads((smoke_run / "eval" / "val.json").read_text())["n"] == len(split["val"])
 
 
 def test_evaluate_refuses_a_folder_with_other_classes(smoke_run: Path, pbc_sample: Path, tmp_path: Path,

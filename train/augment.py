@@ -8,6 +8,30 @@ import torch
 import torch.nn.functional as F
 
 
+def _rand(shape: int | tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+          normal: bool = False) -> torch.Tensor:
+    """Uniform [0, 1) (or standard normal) random numbers of `shape` on `device`, without a host sync.
+
+    No generator, or one on the batch's device: drawn there directly (on CUDA from the CUDA generator that
+    torch.manual_seed seeds, so batches stay reproducible per epoch). A generator on another device (a CPU
+    generator for a CUDA batch) draws where it lives and the numbers are copied over once, non_blocking: a
+    blocking copy would wait for every kernel queued before it. On CPU this is exactly the old
+    `torch.rand(shape, generator=generator).to(dev)`: same draws, same order.
+    """
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    draw = torch.randn if normal else torch.rand
+    if generator is None or generator.device == device:
+        return draw(shape, generator=generator, device=device)
+    return draw(shape, generator=generator, device=generator.device).to(device, non_blocking=True)
+
+
+def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """[n] int64 in [0, high) on `device`; placement as in _rand."""
+    if generator is None or generator.device == device:
+        return torch.randint(0, high, (n,), generator=generator, device=device)
+    return torch.randint(0, high, (n,), generator=generator, device=generator.device).to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class CellAugment:
     """Augmentations that respect what a smear photo can look like.
@@ -31,11 +55,11 @@ class CellAugment:
         b, dev = x.shape[0], x.device
 
         def u(lo: float, hi: float) -> torch.Tensor:
-            return torch.rand(b, generator=generator).to(dev) * (hi - lo) + lo
+            return _rand(b, generator, dev) * (hi - lo) + lo
 
         theta_angle = u(0, 2 * math.pi) if self.rotate else torch.zeros(b, device=dev)
         zoom = u(*self.scale)
-        flip = (torch.rand(b, generator=generator).to(dev) < 0.5).float() * 2 - 1 if self.flip else torch.ones(b, device=dev)
+        flip = (_rand(b, generator, dev) < 0.5).float() * 2 - 1 if self.flip else torch.ones(b, device=dev)
         cos, sin = torch.cos(theta_angle) / zoom, torch.sin(theta_angle) / zoom
         theta = torch.stack([
             torch.stack([cos * flip, -sin, u(-self.translate, self.translate)], 1),
@@ -51,7 +75,7 @@ class CellAugment:
         b, dev = x.shape[0], x.device
 
         def u(lo: float, hi: float) -> torch.Tensor:
-            return torch.rand(b, generator=generator).to(dev) * (hi - lo) + lo
+            return _rand(b, generator, dev) * (hi - lo) + lo
 
         if self.brightness:
             x = x * u(1 - self.brightness, 1 + self.brightness).view(b, 1, 1, 1)
@@ -81,17 +105,36 @@ class DihedralAugment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x: [B, 3, S, S] float32 in 0..1 -> same shape, each image in one of its 8 orientations."""
         b = x.shape[0]
-        k = torch.randint(0, 4, (b,), generator=generator).to(x.device)
-        mirror = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(b, 1, 1, 1)
-        x = torch.where(mirror, x.flip(-1), x)
-        out = x.clone()
-        for turns in (1, 2, 3):
-            sel = k == turns
-            if sel.any():
-                out[sel] = torch.rot90(x[sel], turns, dims=(-2, -1))
+        k = _randint(4, b, generator, x.device)                                  # quarter turns per image
+        mirror = (_rand(b, generator, x.device) < 0.5).view(b, 1, 1, 1)
+        out = dihedral(x, k, mirror)
         return CellAugment(rotate=False, flip=False, scale=(1.0, 1.0), translate=0.0, brightness=self.brightness,
                            contrast=self.contrast, saturation=self.saturation).colour(out, generator)
 
+
+def dihedral(x: torch.Tensor, k: torch.Tensor, mirror: torch.Tensor, sync_free: bool | None = None) -> torch.Tensor:
+    """x: [B, C, S, S], k: [B] quarter turns (0..3), mirror: [B, 1, 1, 1] bool -> each image mirrored then turned.
+
+    Two exact implementations (pixels are moved, never computed, so both give identical values): on CPU the
+    turned images are written into their slots by mask (least work); elsewhere (sync_free) every turn of the
+    whole batch is formed and picked per image with torch.where, because boolean-mask indexing and
+    `if mask.any()` wait for the GPU (a host sync per step) while a few extra copies cost microseconds there.
+    """
+    if sync_free is None:
+        sync_free = x.device.type != "cpu"
+    x = torch.where(mirror, x.flip(-1), x)
+    b = x.shape[0]
+    if sync_free:
+        out = x
+        for turns in (1, 2, 3):
+            out = torch.where((k == turns).view(b, 1, 1, 1), torch.rot90(x, turns, dims=(-2, -1)), out)
+        return out
+    out = x.clone()
+    for turns in (1, 2, 3):
+        sel = k == turns
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], turns, dims=(-2, -1))
+    return out
 
 
 
@@ -141,7 +184,9 @@ class RobustAugment:
         b, s, dev = x.shape[0], x.shape[-1], x.device
         if src is None:
             raise ValueError("RobustAugment needs the 2x source images (ImageCache built at source_scale)")
-        rnd = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731
+        # Still syncs with the GPU a few times per batch (the dirty share, blur and resolution choices index by
+        # mask and resize per size); the random numbers themselves are drawn on the device (_rand).
+        rnd = lambda *shape: _rand(shape, generator, dev)  # noqa: E731
         out = DihedralAugment()(x, generator)
         dirty = rnd(b) >= self.p_clean
         n = int(dirty.sum())
@@ -154,7 +199,7 @@ class RobustAugment:
         y = self._lowres(y, rnd)
         if self.p_noise:
             on = (rnd(n) < self.p_noise).float().view(n, 1, 1, 1)
-            y = y + on * rnd(n).view(n, 1, 1, 1) * self.noise * torch.randn(y.shape, generator=generator).to(dev)
+            y = y + on * rnd(n).view(n, 1, 1, 1) * self.noise * _rand(y.shape, generator, dev, normal=True)
         out[dirty] = y.clamp(0, 1)
         return out
 

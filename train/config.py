@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -12,6 +12,7 @@ import yaml
 from train.augment import AUGMENTS
 from train.models import ARCHS
 from train.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_NORMS
+from train.step import AMP_DTYPES, COMPILE_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,14 @@ class TrainConfig:
     crop: str = "center"            # center: largest centred square; cell: square around the nucleus (any lab's framing)
     cell_fill: float = 0.55         # crop=cell: the nucleus spans this fraction of the square
     ema_decay: float = 0.0          # 0 disables the weight EMA
-    val_fraction: float = 0.1       # the paper's 90/10
+    val_fraction: float = 0.1       # chooses best.pt and the uncertainty threshold
+    test_fraction: float = 0.1      # held out for the final numbers (80/10/10); 0: the paper's 90/10
     seed: int = 0
     workers: int = 2                # processes decoding images into the cache
     device: str = "auto"            # auto | cpu | cuda
-    amp: bool = True                # mixed precision on GPU (ignored on CPU)
+    amp: bool = True                # mixed precision on GPU (ignored on CPU unless amp_dtype is explicit)
+    amp_dtype: str = "auto"         # auto: bf16 where native (compute capability >= 8.0), else fp16 + GradScaler
+    compile: str = "auto"           # torch.compile the model: auto = on for CUDA, off for CPU; on | off
     channels_last: bool = True      # on GPU
     threads: int = 0                # torch CPU threads (0: torch's default)
     max_steps_per_epoch: int = 0    # 0: a full epoch (len(train) samples); >0 caps it (tests)
@@ -64,6 +68,10 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: adamw, adam, sgd")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: cosine, constant")
+        if self.compile not in COMPILE_SETTINGS:
+            raise ValueError(f"unknown compile {self.compile!r}; valid: {', '.join(COMPILE_SETTINGS)}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"unknown amp_dtype {self.amp_dtype!r}; valid: {', '.join(AMP_DTYPES)}")
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -87,7 +95,10 @@ CROPS = {"center": "center_square_crop_then_resize", "cell": "cell_square_crop_t
 
 # Presets are small dicts of overrides on the dataclass defaults (which are the paper's).
 PRESETS: dict[str, dict] = {
-    # The paper: MobileViT-XS from scratch, 256 px, batch 128, 200 epochs, lr 1e-3. Needs a GPU.
+    # The paper: MobileViT-XS from scratch, 256 px, batch 128, 200 epochs, lr 1e-3. Needs a GPU. Its augmentation
+    # stays `cells` (free rotation/zoom, which resamples and so blurs the 256 px cache) until a GPU measures
+    # `--augment dihedral` (lossless; 3 points better for the cpu recipe) against it:
+    # `python -m benchmarks.gpu_train --mode augment` (benchmarks/device/gpu_bench.sh).
     "paper": dict(arch="mobilevit_xs", image_size=256, batch_size=128, epochs=200, lr=1e-3),
     # Chosen by measurement on 2 CPU cores (see README "Choosing the cpu preset"): <= ~40 min on pbc_dev.
     # Lossless dihedral augmentation and a long warm-up (~30%, one-cycle-like) beat free rotation/zoom/colour
@@ -108,7 +119,7 @@ PRESETS: dict[str, dict] = {
 
 # What may differ between a run and its --resume: where and how fast it runs, and how long (extending epochs).
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "device", "workers", "threads", "plots", "run_dir", "data",
-                               "preset"})
+                               "preset", "compile"})
 
 
 def resume_mismatch(saved: dict, cfg: "TrainConfig") -> dict:
@@ -134,8 +145,12 @@ FIELD_HELP = {
     "input_norm": "normalisation inside the model (od_instance: stain normalisation)",
     "crop": "center: largest centred square; cell: square around the nucleus",
     "cell_fill": "with --crop cell: share of the square's side the nucleus spans",
-    "ema_decay": "weight EMA decay (0: off)", "val_fraction": "validation share per class", "seed": "split and batches",
+    "ema_decay": "weight EMA decay (0: off)", "val_fraction": "validation share per class (model selection)",
+    "test_fraction": "test share per class, never trained on or selected with (0: the paper's 90/10)", "seed": "split and batches",
     "workers": "processes decoding images", "device": "where to train", "amp": "mixed precision on GPU",
+    "amp_dtype": "auto: bf16 on GPUs that have it natively (compute capability >= 8.0), fp16 + GradScaler on older "
+                 "ones; bf16/fp16 force it (also on CPU)",
+    "compile": "torch.compile the model (auto: on for CUDA, off for CPU); its compile time is logged",
     "channels_last": "NHWC memory layout", "threads": "torch CPU threads (0: default)",
     "max_steps_per_epoch": "cap steps per epoch (0: full epochs; tests)", "mean": "RGB mean (imagenet norm)",
     "std": "RGB std (imagenet norm)", "plots": "write accuracy/loss/confusion PNGs",
@@ -147,7 +162,7 @@ def field_choices() -> dict[str, tuple[str, ...]]:
 
     return {"arch": tuple(ARCHS), "augment": tuple(AUGMENTS), "optimizer": ("adamw", "adam", "sgd"),
             "schedule": ("cosine", "constant"), "input_norm": INPUT_NORMS, "crop": tuple(CROPS),
-            "device": ("auto", "cpu", "cuda")}
+            "device": ("auto", "cpu", "cuda"), "compile": COMPILE_SETTINGS, "amp_dtype": AMP_DTYPES}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

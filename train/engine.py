@@ -1,57 +1,43 @@
-"""The training loop: data once into RAM, balanced batches, augment on device, validate, checkpoint, resume."""
+"""The training loop: data decoded once (kept on the GPU when it fits), balanced batches, augment on device, resume."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cellcore.files import atomic_write_text
 from train import plots
 from train.augment import AUGMENTS, source_scale
-from train.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_atomic
+from train.checkpoint import (CHECKPOINT_VERSION, BackgroundWriter, CheckpointError, load_checkpoint, save_atomic,
+                              snapshot)
 from train.config import TrainConfig, resume_mismatch
 from train.data import ClassMap, ImageCache, Samples, load_split_samples, save_split, scan_dataset, stratified_split
+from train.distributed import Dist, barrier, decode_once, init_distributed, leader_first
 from train.metrics import format_report, report
 from train.models import count_params, create_model
 from train.preprocess import Preprocessing
 from train.sampler import DistributedBalancedSampler, make_sampler
+from train.step import (EpochMeter, TrainBatches, TrainStep, augment_batch, choose_precision, cuda_capability,
+                        make_optimizer, resolve_compile)
 
 log = logging.getLogger("train")
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_macro_f1",
                  "lr", "epoch_s", "train_images_per_s", "elapsed_s"]
+# On CUDA the loop reads its device-side loss/accuracy sums (a host sync) every this many steps at most, for the
+# progress bar and the non-finite-loss check; on CPU, where a sync costs nothing, every step as always.
+SYNC_EVERY_CUDA = 50
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws == 1:
-        return Dist()
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    return Dist(torch.distributed.get_rank(), ws, int(os.environ.get("LOCAL_RANK", "0")))
-
 
 def pick_device(cfg: TrainConfig, dist: Dist) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
@@ -92,24 +78,17 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on norms and biases (1-D parameters): standard for ViTs and CNNs alike.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(cfg: TrainConfig, run_dir: Path, dist: Dist) -> tuple[ImageCache, ImageCache, Samples]:
-    """Scan, split (or reuse the saved split when resuming) and decode both halves into RAM."""
+def prepare_data(cfg: TrainConfig, run_dir: Path, dist: Dist) -> tuple[ImageCache, ImageCache | None, Samples]:
+    """Scan, split (or reuse the saved split when resuming) and decode train and val into RAM.
+
+    Under DDP the first process of each machine extracts a .zip and decodes the training images; the other
+    ranks wait and memory-map its result (train.distributed.decode_once). Only rank 0 validates, so only it
+    decodes the validation images; the others get None.
+    """
     class_map = ClassMap.load(cfg.class_map or None)
-    samples = scan_dataset(cfg.data, class_map, seed=cfg.seed)
+    samples = leader_first(dist, lambda: scan_dataset(cfg.data, class_map, seed=cfg.seed))
     split_path = run_dir / "split.json"
     if cfg.resume and split_path.exists():
         train_s = load_split_samples(split_path, "train", samples.root)
@@ -117,11 +96,13 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, dist: Dist) -> tuple[ImageCach
         if train_s.classes != samples.classes:
             raise CheckpointError(f"{split_path}: classes {train_s.classes} differ from the data's {samples.classes}")
     else:
-        tr, va = stratified_split(samples.labels, cfg.val_fraction, cfg.seed)
+        # The test part is written to split.json and never decoded here: training and model selection
+        # see train and val only; evaluate/verify report on test.
+        tr, va, te = stratified_split(samples.labels, cfg.val_fraction, cfg.seed, cfg.test_fraction)
         if not tr or not va:
             raise ValueError(f"{samples.root}: too few images to split ({len(samples.paths)})")
         if dist.main:
-            save_split(split_path, samples, tr, va, cfg.seed, cfg.val_fraction)
+            save_split(split_path, samples, tr, va, cfg.seed, cfg.val_fraction, te, cfg.test_fraction)
         pick = lambda idx: Samples(samples.root, [samples.paths[i] for i in idx],  # noqa: E731
                                    [samples.labels[i] for i in idx], samples.classes)
         train_s, val_s = pick(tr), pick(va)
@@ -129,11 +110,12 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, dist: Dist) -> tuple[ImageCach
              ", ".join(f"{k}={v}" for k, v in samples.counts().items()))
     prep = preprocessing_of(cfg)
     t0 = time.time()
-    train_c = ImageCache.build(train_s, prep, cfg.workers, source_scale(AUGMENTS[cfg.augment]))
-    val_c = ImageCache.build(val_s, prep, cfg.workers)
-    skipped = train_c.skipped + val_c.skipped
+    train_c = decode_once(dist, run_dir, lambda: ImageCache.build(train_s, prep, cfg.workers,
+                                                                  source_scale(AUGMENTS[cfg.augment])))
+    val_c = ImageCache.build(val_s, prep, cfg.workers) if dist.main else None
+    skipped = train_c.skipped + (val_c.skipped if val_c is not None else [])
     log.info("decoded %d train + %d val images at %d px in %.1fs; %d unreadable skipped",
-             len(train_c), len(val_c), cfg.image_size, time.time() - t0, len(skipped))
+             len(train_c), len(val_c) if val_c is not None else 0, cfg.image_size, time.time() - t0, len(skipped))
     if skipped and dist.main:
         (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
     return train_c, val_c, samples
@@ -163,8 +145,8 @@ def predict_logits(model: torch.nn.Module, images_u8: torch.Tensor, device: torc
         x = images_u8[i:i + batch].to(device).float().div_(255)  # [B, 3, S, S] float32 in 0..1
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        out.append(model(x).float())  # stays on the device: one copy to the host at the end, not one per batch
+    return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -177,43 +159,42 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in METRIC_FIELDS})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in METRIC_FIELDS})
+    atomic_write_text(path, buf.getvalue())
 
 
 def fit(cfg: TrainConfig) -> dict:
     """Train per cfg; returns the best validation metrics. Writes everything into cfg.run_dir."""
     dist = init_distributed("cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    device = pick_device(cfg, dist)  # binds this rank's GPU before any barrier
     run_dir = Path(cfg.run_dir)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume and (run_dir / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it "
                                   f"or choose another RUN name")
-    if dist.world_size > 1:
-        torch.distributed.barrier()
+    barrier(dist)
     setup_logging(run_dir, dist.main)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg, dist)
     on_gpu = device.type == "cuda"
-    log.info("preset=%s arch=%s size=%d batch=%d epochs=%d lr=%g device=%s world=%d threads=%d",
-             cfg.preset, cfg.arch, cfg.image_size, cfg.batch_size, cfg.epochs, cfg.lr, device, dist.world_size,
-             torch.get_num_threads())
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN times its algorithms once and keeps the best
+    precision = choose_precision(device.type, cfg.amp, cfg.amp_dtype, cuda_capability(device))
+    use_compile = resolve_compile(cfg.compile, device.type)
+    log.info("preset=%s arch=%s size=%d batch=%d epochs=%d lr=%g device=%s world=%d threads=%d precision=%s "
+             "compile=%s", cfg.preset, cfg.arch, cfg.image_size, cfg.batch_size, cfg.epochs, cfg.lr, device,
+             dist.world_size, torch.get_num_threads(), precision.name, "on" if use_compile else "off")
     if dist.main:
         cfg.save(run_dir / "config.yaml")
 
     train_c, val_c, samples = prepare_data(cfg, run_dir, dist)
     classes = train_c.classes
     prep = preprocessing_of(cfg)
-    train_x, train_y = to_tensor_nchw(train_c.images), torch.from_numpy(train_c.labels)
-    train_src = to_tensor_nchw(train_c.sources) if train_c.sources is not None else None  # [N, 3, kS, kS] uint8
-    val_x, val_y = to_tensor_nchw(val_c.images), val_c.labels
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, len(classes), cfg.mean, cfg.std, cfg.input_norm).to(device)
@@ -221,22 +202,31 @@ def fit(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     log.info("%s: %.2fM parameters, %d classes", cfg.arch, count_params(model) / 1e6, len(classes))
+    # After the model: what is left of the GPU's memory decides whether the images live there.
+    batches = TrainBatches(train_c.images, train_c.labels, train_c.sources, device)
+    val_x = val_y = None
+    if val_c is not None:
+        val_x, val_y = to_tensor_nchw(val_c.images), val_c.labels  # [N, 3, S, S] uint8, [N] int64
+        if batches.resident:
+            val_x = val_x.to(device)  # a tenth of what already fitted
     ema = None
     if cfg.ema_decay > 0:
         ema = ModelEma(model, cfg.ema_decay)
     train_model = model
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, fused=on_gpu and cfg.optimizer in ("adamw", "adam"))
     sampler = make_sampler(train_c.labels, dist.rank, dist.world_size, cfg.seed)
     steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup_steps, cfg))
-    use_amp = cfg.amp and on_gpu
-    amp_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    train_step = TrainStep(train_model, optimizer, scaler, precision, device, compile=use_compile,
+                           static_batch=cfg.batch_size, label_smoothing=cfg.label_smoothing, check_now=not on_gpu,
+                           compile_setting=cfg.compile)
+    sync_every = SYNC_EVERY_CUDA if on_gpu else 1
     augment = AUGMENTS[cfg.augment]
 
     start_epoch, best_f1, rows = 1, -1.0, []
@@ -260,6 +250,15 @@ def fit(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(ck["scheduler"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
+        if scaler.is_enabled():
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])  # the loss scale it had found, so the steps after resume match
+                restored = scaler.state_dict()
+                log.info("GradScaler restored: scale %g, growth tracker %d", restored["scale"],
+                         restored["_growth_tracker"])
+            else:
+                log.warning("%s has no GradScaler state (trained in bf16/fp32 or before it was saved): the fp16 "
+                            "loss scale starts afresh", last)
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         start_epoch, best_f1 = ck["epoch"] + 1, ck["best_macro_f1"]
@@ -268,107 +267,135 @@ def fit(cfg: TrainConfig) -> dict:
         log.info("resumed from %s at epoch %d (best macro-F1 so far %.4f)", last, ck["epoch"], best_f1)
 
     fingerprint = samples.fingerprint()
+    class_map = ClassMap.load(cfg.class_map).to_dict() if cfg.class_map else None
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
     t_start = time.time()
     best: dict = {}
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        # Seed per epoch: an interrupted run resumed at epoch e draws the same batches as an unbroken one.
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        if isinstance(sampler, DistributedBalancedSampler):
-            sampler.set_epoch(epoch)
-        order = torch.as_tensor(list(iter(sampler)), dtype=torch.long)
-        train_model.train()
-        t0 = time.time()
-        seen, loss_sum, correct = 0, 0.0, 0
-        bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", dist.main)
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            if len(idx) == 0:
-                break
-            x = train_x[idx].to(device, non_blocking=True).float().div_(255)  # [B, 3, S, S] float32 in 0..1
-            y = train_y[idx].to(device, non_blocking=True)
-            if train_src is not None:
-                src = train_src[idx].to(device, non_blocking=True).float().div_(255)  # [B, 3, kS, kS] in 0..1
-                x = augment(x, src)
-            elif augment is not None:
-                x = augment(x)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = train_model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            n = len(idx)
-            seen += n
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
+    # Checkpoints, metrics.csv and plots are written on a thread while the next epoch trains (rank 0 only).
+    writer = BackgroundWriter() if dist.main else None
+    finished = False
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            # Seed per epoch: an interrupted run resumed at epoch e draws the same batches as an unbroken one
+            # (torch.manual_seed seeds the CUDA generators too, which the augmentations draw from on a GPU).
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            if isinstance(sampler, DistributedBalancedSampler):
+                sampler.set_epoch(epoch)
+            order = batches.epoch_order(torch.as_tensor(list(iter(sampler)), dtype=torch.long))  # [M] int64
+            train_model.train()
+            t0 = time.time()
+            meter = EpochMeter(device)
+            bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", dist.main)
+            for step in range(steps_per_epoch):
+                lo = step * cfg.batch_size
+                n = min(cfg.batch_size, len(order) - lo)
+                if n <= 0:
+                    break
+                x, y, src = batches.batch(order, lo, n)  # [n, 3, S, S] float32 0..1, [n], [n, 3, kS, kS] or None
+                x = augment_batch(x, src, augment, cfg.channels_last)
+                loss, logits = train_step(x, y, where=f"epoch {epoch} step {step}")
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                meter.add(loss, logits, y)
+                if (step + 1) % sync_every == 0:  # the only reads of device values inside the epoch
+                    _check_and_show(meter, bar, epoch, step, t0)
+                if bar is not None:
+                    bar.update(1)
+            train_loss, train_acc, _ = _check_and_show(meter, None, epoch, steps_per_epoch - 1, t0)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen / (time.time() - t0):.0f}", refresh=False)
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        train_s = time.time() - t0
-        if dist.world_size > 1:
-            torch.distributed.barrier()
-        if not dist.main:
-            continue
+                bar.close()
+            train_s = time.time() - t0  # after the read above, which waited for the last step on a GPU
+            seen = meter.seen
+            barrier(dist)
+            if not dist.main:
+                continue
 
-        eval_model = ema.module if ema is not None else model
-        logits = predict_logits(eval_model, val_x, device, channels_last=cfg.channels_last)
-        val_loss = F.cross_entropy(logits, torch.from_numpy(val_y)).item()
-        rep = report(val_y, logits.argmax(1).numpy(), classes)
-        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-               "val_loss": val_loss, "val_acc": rep["accuracy"], "val_balanced_acc": rep["balanced_accuracy"],
-               "val_macro_f1": rep["macro_f1"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - t0,
-               "train_images_per_s": seen * dist.world_size / max(train_s, 1e-9),
-               "elapsed_s": elapsed0 + time.time() - t_start}
-        rows.append(row)
-        ckpt = {
-            "format_version": CHECKPOINT_VERSION, "arch": cfg.arch, "classes": classes,
-            "preprocessing": prep.to_dict(), "config": cfg.to_dict(),
-            "class_map": (ClassMap.load(cfg.class_map).to_dict() if cfg.class_map else None),
-            "dataset_fingerprint": fingerprint, "epoch": epoch, "metrics": {**row, "report": rep},
-            "model": eval_model.state_dict(),  # what evaluation/export use (the EMA weights when enabled)
-        }
-        improved = rep["macro_f1"] > best_f1
-        if improved:
-            best_f1 = rep["macro_f1"]
-            save_atomic(ckpt, run_dir / "best.pt")
-            best = row
-            if cfg.plots:
-                plots.plot_confusion(rep["confusion_matrix"], classes, run_dir / "confusion_matrix.png",
-                                     f"{cfg.arch} validation, epoch {epoch} (acc {rep['accuracy']:.3f})")
-        ckpt.update({"model_raw": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "best_macro_f1": best_f1,
-                     "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}})
-        save_atomic(ckpt, run_dir / "last.pt")
-        # After last.pt: a kill in between loses no row (resume rebuilds it from the checkpoint).
-        write_metrics(run_dir / "metrics.csv", rows)
-        if cfg.plots:
-            plots.plot_curves(rows, run_dir)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f bal-acc %.4f macro-F1 %.4f%s | "
-                 "%.0f img/s, %.1fs", epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss,
-                 rep["accuracy"], rep["balanced_accuracy"], rep["macro_f1"], "  *best*" if improved else "",
-                 row["train_images_per_s"], row["epoch_s"])
+            eval_model = ema.module if ema is not None else model
+            logits = predict_logits(eval_model, val_x, device, channels_last=cfg.channels_last)
+            val_loss = F.cross_entropy(logits, torch.from_numpy(val_y)).item()
+            rep = report(val_y, logits.argmax(1).numpy(), classes)
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_loss": val_loss, "val_acc": rep["accuracy"], "val_balanced_acc": rep["balanced_accuracy"],
+                   "val_macro_f1": rep["macro_f1"], "lr": optimizer.param_groups[0]["lr"],
+                   "epoch_s": time.time() - t0, "train_images_per_s": seen * dist.world_size / max(train_s, 1e-9),
+                   "elapsed_s": elapsed0 + time.time() - t_start}
+            rows.append(row)
+            improved = rep["macro_f1"] > best_f1
+            if improved:
+                best_f1 = rep["macro_f1"]
+                best = row
+            # Copies taken now (to the CPU): the writer thread saves them while the next epoch changes the weights.
+            model_sd = snapshot(model.state_dict())
+            ckpt = {
+                "format_version": CHECKPOINT_VERSION, "arch": cfg.arch, "classes": classes,
+                "preprocessing": prep.to_dict(), "config": cfg.to_dict(), "class_map": class_map,
+                "dataset_fingerprint": fingerprint, "epoch": epoch, "metrics": {**row, "report": rep},
+                # what evaluation/export use (the EMA weights when enabled)
+                "model": model_sd if ema is None else snapshot(ema.module.state_dict()),
+            }
+            last_ckpt = {**ckpt, "model_raw": model_sd, "optimizer": snapshot(optimizer.state_dict()),
+                         "scheduler": snapshot(scheduler.state_dict()),
+                         "ema": snapshot(ema.state_dict()) if ema is not None else None,
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                         "best_macro_f1": best_f1,
+                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+            confusion = None
+            if improved and cfg.plots:
+                confusion = (rep["confusion_matrix"], classes, run_dir / "confusion_matrix.png",
+                             f"{cfg.arch} validation, epoch {epoch} (acc {rep['accuracy']:.3f})")
+            writer.submit(write_epoch, run_dir, ckpt if improved else None, last_ckpt, list(rows), cfg.plots,
+                          confusion)
+            memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                      if on_gpu else "")
+            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f bal-acc %.4f macro-F1 %.4f%s | "
+                     "%.0f img/s, %.1fs%s", epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss,
+                     rep["accuracy"], rep["balanced_accuracy"], rep["macro_f1"], "  *best*" if improved else "",
+                     row["train_images_per_s"], row["epoch_s"], memory)
+        finished = True
+    finally:
+        if writer is not None:
+            try:
+                writer.close()  # the last epoch's files are on disk before fit returns (or raises)
+            except RuntimeError:
+                if finished:
+                    raise
+                log.exception("writing the last checkpoint failed too")
 
     if dist.main:
         final = load_checkpoint(run_dir / "best.pt")
         log.info("best epoch %d:\n%s", final["epoch"], format_report(final["metrics"]["report"]))
         best = {k: v for k, v in final["metrics"].items() if k != "report"}
     if dist.world_size > 1:
-        torch.distributed.barrier()
+        barrier(dist)
         torch.distributed.destroy_process_group()
     return best
+
+
+def write_epoch(run_dir: Path, best_ckpt: dict | None, last_ckpt: dict, rows: list[dict], plot: bool,
+                confusion: tuple | None) -> None:
+    """One epoch's files (on the writer thread), each atomic, in an order a kill may interrupt anywhere:
+    best.pt, last.pt, then metrics.csv (resume rebuilds a row it lacks from last.pt), then the plots."""
+    if best_ckpt is not None:
+        save_atomic(best_ckpt, run_dir / "best.pt")
+    save_atomic(last_ckpt, run_dir / "last.pt")
+    write_metrics(run_dir / "metrics.csv", rows)
+    if plot:
+        if confusion is not None:
+            plots.plot_confusion(*confusion)
+        plots.plot_curves(rows, run_dir)
+
+
+def _check_and_show(meter: EpochMeter, bar, epoch: int, step: int, t0: float) -> tuple[float, float, int]:
+    """Read the epoch's running loss/accuracy (a host sync on a GPU), stop on a non-finite loss, show progress."""
+    loss, acc, bad = meter.read()
+    if bad:
+        raise FloatingPointError(f"loss became non-finite ({bad} step(s)) in epoch {epoch} by step {step}; "
+                                 f"lower --lr")
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{meter.seen / (time.time() - t0):.0f}",
+                        refresh=False)
+    return loss, acc, bad
 
 
 class ModelEma(torch.nn.Module):
