@@ -300,7 +300,7 @@ def spawn(spec: dict, timeout: float) -> list[dict]:
 def plan_jobs(manifest: dict, export_dir: Path, checkpoint: Path, runtimes: tuple[str, ...], batches: list[int],
               threads: list[int], check_sha: bool, select: str | None = None) -> tuple[list[dict], list[dict]]:
     """(jobs to measure, rows that cannot run here). A job is one runtime + artifact with its configs."""
-    from export.manifest import ManifestError, artifact_path
+    from cellcore.manifest import ManifestError, artifact_path
 
     jobs, static_rows = [], []
     configs = [{"batch": b, "threads": t} for b in batches for t in threads]
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return 0
-    from export.manifest import ManifestError, read_manifest
+    from cellcore.manifest import ManifestError, read_manifest
 
     if args.export_dir:
         export_dir = Path(args.export_dir)

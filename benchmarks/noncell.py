@@ -108,7 +108,7 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
     import torch
 
     from cellcore.uncertainty import rule_for
-    from export.manifest import artifact_path, read_manifest
+    from cellcore.manifest import artifact_path, read_manifest
     from export.runtimes import ExecutorchRunner, OnnxRunner
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.data import load_rgb

@@ -221,14 +221,15 @@ def spread_over_classes(labels: list[int], n: int, seed: int) -> list[int]:
 
 
 def load_val(run_dir: Path, classes: list[str], n: int, seed: int) -> Source:
-    from train.data import DatasetError, load_rgb, load_split_samples
+    from train.data import DatasetError, held_out_part, load_rgb, load_split_samples
 
-    samples = load_split_samples(run_dir / "split.json", "val")
+    part, _ = held_out_part(run_dir / "split.json")  # test; val for runs made before the test split
+    samples = load_split_samples(run_dir / "split.json", part)
     if samples.classes != classes:
         raise DatasetError(f"{run_dir}/split.json classes {samples.classes} differ from the model's {classes}")
     idx = spread_over_classes(samples.labels, n, seed)
     log.info("decoding %d of %d held-out images from %s", len(idx), len(samples.paths), samples.root)
-    return Source(name="val", description=f"{run_dir}/split.json val ({len(idx)} of {len(samples.paths)})",
+    return Source(name="val", description=f"{run_dir}/split.json {part} ({len(idx)} of {len(samples.paths)})",
                   images=[load_rgb(samples.root / samples.paths[i]) for i in idx],
                   keys=[samples.paths[i] for i in idx],
                   labels=np.asarray([samples.labels[i] for i in idx], dtype=np.int64))
@@ -281,7 +282,7 @@ def torch_runner(model) -> Callable[[np.ndarray], np.ndarray]:
 
 def load_formats(run_dir: Path, manifest: dict, model, classes: list[str], threads: int) -> list[Format]:
     from cellcore.uncertainty import rule_for
-    from export.manifest import artifact_path
+    from cellcore.manifest import artifact_path
     from export.runtimes import CoreMLRunner, ExecutorchRunner, OnnxRunner, RuntimeUnavailable
 
     export_dir = run_dir / "export"
@@ -477,7 +478,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, command: str) -> dict:
     from cellcore.quality import PictureChecks
-    from export.manifest import ManifestError, read_manifest
+    from cellcore.manifest import ManifestError, read_manifest
     from train.checkpoint import load_checkpoint, model_from_checkpoint
 
     t0 = time.perf_counter()
@@ -535,7 +536,7 @@ def _loadavg() -> tuple[float, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.manifest import ManifestError
+    from cellcore.manifest import ManifestError
     from train.checkpoint import CheckpointError
     from train.data import BadImageError, DatasetError
 

@@ -1,6 +1,7 @@
 """The one definition of how a photo becomes model input (torch-free: the app imports it as is)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -130,3 +131,182 @@ def cell_box(img: Image.Image, fill: float = 0.55, work: int = 96) -> tuple[int,
     side_i = max(8, int(round(side)))
     left, top = int(round(cx - side_i / 2)), int(round(cy - side_i / 2))
     return (left, top, left + side_i, top + side_i)
+
+
+# ----------------------------------------------------------------------------- a square the user picks in a photo
+
+# (centre x, centre y, side) in an image's pixels: the square a user picked around one cell of a field.
+Box = tuple[float, float, float]
+
+MIN_BOX_SIDE = 16  # px of the decoded photo: a smaller square holds no cell worth classifying
+# The nucleus spans this share of the suggested square's side: the median share of the 360 px field in
+# pbc_dev (cell_box extents, measured per class: 0.20 erythroblast .. 0.37 monocyte), so a suggested
+# square frames a cell about as the training photos do.
+PICK_FILL = 0.31
+PICK_WORK = 384  # the suggestion looks at the photo at most this many pixels wide
+LOBE_REACH = 1 / 3  # blobs this share of the first blob's extent apart are lobes of one nucleus
+
+
+def square_bounds(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """The integer square (left, top, right, bottom) a box covers in a width x height image.
+
+    A square that runs past an edge is moved back inside (and, larger than the image's short side,
+    shrunk to it) rather than padded: the model then sees only real pixels, never the repeated edge
+    rows that no training photo of a field shows, and the square drawn for the user is exactly the
+    one classified. Sides under MIN_BOX_SIDE grow to it.
+    """
+    cx, cy, side = (float(v) for v in box)
+    if not (math.isfinite(cx) and math.isfinite(cy) and math.isfinite(side)) or side <= 0:
+        raise ValueError(f"a box needs a finite centre and a positive side, got {box}")
+    s = min(max(int(math.floor(side + 0.5)), MIN_BOX_SIDE), width, height)
+    left = min(max(int(math.floor(cx - s / 2 + 0.5)), 0), width - s)
+    top = min(max(int(math.floor(cy - s / 2 + 0.5)), 0), height - s)
+    return (left, top, left + s, top + s)
+
+
+def box_from_bounds(bounds: tuple[float, float, float, float]) -> Box:
+    """(left, top, right, bottom) of a square -> (centre x, centre y, side)."""
+    left, top, right, bottom = bounds
+    return ((left + right) / 2, (top + bottom) / 2, right - left)
+
+
+def crop_square(rgb: Image.Image, box: Box) -> Image.Image:
+    """The pixels inside a box (moved inside the image where it runs off, see square_bounds): a square image.
+
+    Preprocessing.apply() then treats the cut-out exactly as a whole photo, so the model sees a picked
+    cell framed as training framed its photos.
+    """
+    return rgb.crop(square_bounds(box, *rgb.size))
+
+
+def suggest_box(rgb: Image.Image, x: float, y: float, fill: float = PICK_FILL, work: int = PICK_WORK) -> Box:
+    """The square for the cell a user tapped at (x, y): centred on its nucleus, the nucleus spanning `fill`.
+
+    The nucleus is found as cell_box finds it (red-channel optical density: any Romanowsky stain),
+    in the photo scaled to at most `work` px: the stained blob nearest the tap (within a quarter of
+    the photo), with the blobs that lie within a third of its extent of it (the lobes of a
+    segmented nucleus). Specks under 2% of the largest blob's area are ignored. With nothing
+    stained near the tap the square is centred on the tap with half the photo's short side.
+    The side is at most the photo's short side; the square may still reach past an edge, which
+    square_bounds moves inside. Deterministic, torch-free: the UI and `classify --box` call it.
+    """
+    w, h = rgb.size
+    scale = min(1.0, work / max(w, h))
+    small = rgb
+    if scale < 1:
+        reduced = rgb.reduce(max(1, int(1 / scale) // 2))  # a fast box shrink first: a 12 MP photo in ~50 ms
+        small = reduced.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    red = np.asarray(small, dtype=np.float32)[:, :, 0]
+    od = -np.log(np.maximum(red, 1.0) / 255.0)  # [h', w'] red-channel optical density
+    radius = 0.25 * max(od.shape)
+    tx, ty = x * scale, y * scale
+    # stained: darker than half the darkest nucleus near the tap. Local, unlike cell_box's percentile:
+    # a field holds cells of every shade, and how much background it shows would move a percentile.
+    window = od[max(0, int(ty - radius)):max(1, int(ty + radius) + 1),
+                max(0, int(tx - radius)):max(1, int(tx + radius) + 1)]
+    peak = float(_box_mean(window, 1).max()) if window.size else 0.0  # 3x3 mean: a noisy pixel is no nucleus
+    stained = od > max(0.3, 0.5 * peak)
+    blobs = _Blobs(_dilate(stained, 1), stained)  # closed by 1 px: a grainy nucleus stays one blob
+    seed = blobs.nearest(tx, ty, radius)
+    if seed is None:
+        return (float(x), float(y), min(w, h) / 2)
+    ys, xs = blobs.group(seed)
+    y0, y1 = np.percentile(ys, [1, 99])
+    x0, x1 = np.percentile(xs, [1, 99])
+    extent = max(x1 - x0 + 1, y1 - y0 + 1) / scale
+    side = min(max(extent / fill, MIN_BOX_SIDE), min(w, h))
+    return (float(x0 + x1 + 1) / 2 / scale, float(y0 + y1 + 1) / 2 / scale, float(side))
+
+
+def _box_sum(a: np.ndarray, r: int) -> np.ndarray:
+    """[H, W] sums over the (2r+1)^2 square around each pixel (cut at the edges), through an integral image."""
+    h, w = a.shape
+    ii = np.zeros((h + 1, w + 1), np.float64 if a.dtype.kind == "f" else np.int64)
+    ii[1:, 1:] = a.cumsum(0).cumsum(1)
+    y0, y1 = np.clip(np.arange(h) - r, 0, h), np.clip(np.arange(h) + r + 1, 0, h)
+    x0, x1 = np.clip(np.arange(w) - r, 0, w), np.clip(np.arange(w) + r + 1, 0, w)
+    return ii[y1][:, x1] - ii[y0][:, x1] - ii[y1][:, x0] + ii[y0][:, x0]
+
+
+def _box_mean(a: np.ndarray, r: int) -> np.ndarray:
+    """[H, W] float mean over the (2r+1)^2 square around each pixel (cut at the edges)."""
+    ones = np.ones(a.shape, dtype=np.int64)
+    return _box_sum(a.astype(np.float64), r) / _box_sum(ones, r)
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """[H, W] bool grown by a (2r+1)^2 square (the cost does not grow with r)."""
+    return _box_sum(mask.astype(np.int64), r) > 0 if r > 0 else mask
+
+
+class _Blobs:
+    """8-connected blobs of a mask, labelled by horizontal runs (Python loops over runs, not pixels).
+
+    `stained` is the mask before closing: a blob's area and extent count only its stained pixels.
+    """
+
+    def __init__(self, mask: np.ndarray, stained: np.ndarray):
+        h, _ = mask.shape
+        edges = np.diff(np.pad(mask.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+        rows, starts = np.nonzero(edges == 1)
+        _, ends = np.nonzero(edges == -1)  # exclusive; same row-major order as the starts
+        parent = list(range(len(rows)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        bounds = np.searchsorted(rows, np.arange(h + 1))
+        for r in range(h - 1):  # runs of neighbouring rows that touch (diagonals too) are one blob
+            i, i_end, j, j_end = bounds[r], bounds[r + 1], bounds[r + 1], bounds[r + 2]
+            while i < i_end and j < j_end:
+                if starts[j] <= ends[i] and ends[j] >= starts[i]:
+                    parent[find(i)] = find(j)
+                if ends[i] < ends[j]:
+                    i += 1
+                else:
+                    j += 1
+        roots = np.array([find(i) for i in range(len(rows))], dtype=np.int64)
+        _, run_label = np.unique(roots, return_inverse=True)
+        lengths = ends - starts
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        ys = np.repeat(rows, lengths)
+        xs = np.repeat(starts, lengths) + (np.arange(int(lengths.sum())) - first)
+        label = np.repeat(run_label.reshape(-1), lengths)
+        on = stained[ys, xs]
+        self.shape = mask.shape
+        self.ys, self.xs, self.label = ys[on], xs[on], label[on]  # every stained pixel and its blob
+        self.n = int(run_label.max()) + 1 if len(rows) else 0
+        self.area = np.bincount(self.label, minlength=self.n)
+        # specks (dust, noise, stain precipitate) next to the cell must not take the square
+        self.kept = self.area >= max(4, 0.02 * float(self.area.max(initial=0)))
+
+    def nearest(self, x: float, y: float, radius: float) -> int | None:
+        """The blob with a pixel nearest (x, y), within `radius`; None if there is none."""
+        d2 = (self.xs + 0.5 - x) ** 2 + (self.ys + 0.5 - y) ** 2
+        best = np.full(self.n, np.inf)
+        np.minimum.at(best, self.label, d2)
+        best[~self.kept] = np.inf
+        seed = int(np.argmin(best)) if self.n else 0
+        return seed if self.n and best[seed] <= radius ** 2 else None
+
+    def group(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ys, xs) of the seed blob and of the blobs within a third of its extent of it, joined until none
+        is left: the lobes of one segmented nucleus, not the neighbouring cell."""
+        inside = self.label == seed
+        reach = max(1, int(round((max(np.ptp(self.xs[inside]), np.ptp(self.ys[inside])) + 1) * LOBE_REACH)))
+        members = np.zeros(self.n, dtype=bool)
+        members[seed] = True
+        for _ in range(8):
+            mine = members[self.label]
+            grown = np.zeros(self.shape, dtype=bool)
+            grown[self.ys[mine], self.xs[mine]] = True
+            near = _dilate(grown, reach)[self.ys, self.xs]
+            hit = (np.bincount(self.label, weights=near, minlength=self.n) > 0) & self.kept & ~members
+            if not hit.any():
+                break
+            members |= hit
+        mine = members[self.label]
+        return self.ys[mine], self.xs[mine]

@@ -35,6 +35,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(TEMPERATURES[int(np.argmin(nll))])
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sound for small n and for k near 0 or n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
 def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> dict:
     """Smallest t such that predictions with max(p) >= t are at least `target` accurate (None if none)."""
     top, correct = probs.max(1), probs.argmax(1) == labels
@@ -44,8 +54,10 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> di
             break
         if correct[keep].mean() >= target:
             return {"threshold": float(t), "accuracy_at_or_above": float(correct[keep].mean()),
+                    "accuracy_ci95": wilson(int(correct[keep].sum()), int(keep.sum())),
                     "coverage": float(keep.mean()), "n": int(len(labels)), "accepted": int(keep.sum())}
-    return {"threshold": None, "accuracy_at_or_above": None, "coverage": 0.0, "n": int(len(labels)), "accepted": 0}
+    return {"threshold": None, "accuracy_at_or_above": None, "accuracy_ci95": None, "coverage": 0.0,
+            "n": int(len(labels)), "accepted": 0}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import NOTICE, SCHEMA_VERSION, ManifestError, sha256_of, size_of, write_manifest
+from cellcore.manifest import NOTICE, SCHEMA_VERSION, ManifestError, sha256_of, size_of, write_manifest
 
 log = logging.getLogger("export")
 
@@ -75,6 +75,22 @@ def _calibration_indices(labels: np.ndarray, n: int) -> np.ndarray:
     if n >= len(labels):
         return np.arange(len(labels))
     return np.linspace(0, len(labels) - 1, n).round().astype(int)
+
+
+def source_revision() -> dict:
+    """The git commit this export's code came from (and whether the tree had uncommitted changes): the
+    manifest says which code made a model, so `make release-model` can be rerun from that commit."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "dirty": None}
+    return {"git_commit": commit, "dirty": dirty}
 
 
 def tool_versions() -> dict:
@@ -191,6 +207,7 @@ def run_export(cfg: ExportConfig) -> Path:
                     "val_counts": val_s.counts(), "class_map": ckpt.get("class_map")},
         "artifacts": entries,
         "tools": tool_versions(),
+        "source": source_revision(),
         "notice": NOTICE,
     }
     manifest["failed_formats"] = failed

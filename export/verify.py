@@ -1,4 +1,4 @@
-"""`python -m export.verify`: run real validation images through PyTorch and every exported runtime; gate parity."""
+"""`python -m export.verify`: run real held-out images through PyTorch and every exported runtime; gate parity."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import ManifestError, artifact_path, read_manifest, sha256_of, write_manifest
+from cellcore.manifest import ManifestError, artifact_path, output_kind, read_manifest, sha256_of, write_manifest
+from cellcore.uncertainty import wilson
 from export.runtimes import CoreMLRunner, ExecutorchRunner, OnnxRunner, RuntimeUnavailable, coreml_structure
 
 log = logging.getLogger("export")
@@ -21,16 +22,6 @@ LOW_PRECISION_MAX_DROP = 1.0  # fp16/int8: at most this many accuracy points bel
 LOW_PRECISION_MAX_F1_DROP = 1.5      # ... and this many macro-F1 points
 LOW_PRECISION_MAX_RECALL_DROP = 5.0  # ... and no class's recall more than this many points (a rare class
                                      # can collapse in int8 while the aggregate accuracy barely moves)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (sound for small n and for k near 0 or n)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
 
 
 def low_precision_gate(ref_rep: dict, rep: dict) -> tuple[bool, str]:
@@ -51,45 +42,85 @@ def low_precision_gate(ref_rep: dict, rep: dict) -> tuple[bool, str]:
 @dataclass
 class VerifyConfig:
     run_dir: str
-    data: str = ""        # a labelled folder with the checkpoint's classes; default: the run's validation split
-    limit: int = 0        # use only the first N images (0: all); for quick checks
+    data: str = ""        # a labelled folder with the checkpoint's classes; default: the run's held-out split
+    split: str = "auto"   # without data: auto (test when split.json has one, else val) | test | val
+    limit: int = 0        # use only N images, spread over the set (0: all); for quick checks
     threads: int = 0      # onnxruntime intra-op threads (0: all cores)
+    batch: int = 64       # images decoded and run at once: memory stays flat on any dataset size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    d = VerifyConfig(run_dir="")
     p = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__.split(":", 1)[1].strip())
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--data", default="", help="labelled folder (default: the run's saved validation split)")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--run-dir", required=True, help="runs/NAME holding best.pt, split.json and export/")
+    p.add_argument("--data", default="", help="another labelled folder to measure on (its numbers are stored under "
+                                               "its own name; the uncertainty rules are applied, not refitted)")
+    p.add_argument("--split", default=d.split, choices=("auto", "test", "val"),
+                   help="without --data: which part of split.json to report on (default auto: test if present; "
+                        "the uncertainty rules are always fitted on val)")
+    p.add_argument("--limit", type=int, default=0, help="use only N images (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"images per decode/run batch (default {d.batch})")
     return p
 
 
-def load_images(cfg: VerifyConfig, ckpt: dict, classes: list[str]):
-    """-> (x [N, 3, S, S] float32 0..1, labels [N], source description). Decoded as the app decodes."""
-    from train.data import ImageCache, load_split_samples, scan_onto_classes
-    from train.preprocess import Preprocessing
+def _limited(samples, limit: int):
+    if limit and len(samples.paths) > limit:
+        step = max(1, len(samples.paths) // limit)
+        samples.paths, samples.labels = samples.paths[::step][:limit], samples.labels[::step][:limit]
+    return samples
 
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+
+def eval_samples(cfg: VerifyConfig, ckpt: dict, classes: list[str]):
+    """-> (samples to report on, description naming the data, validation samples to fit the rules on or None)."""
+    from train.data import held_out_part, load_split_samples, scan_onto_classes
+
+    split = Path(cfg.run_dir) / "split.json"
     if cfg.data:
         samples = scan_onto_classes(cfg.data, classes, ckpt.get("class_map"))
-        source = str(cfg.data)
-    else:
-        samples = load_split_samples(Path(cfg.run_dir) / "split.json", "val")
-        source = f"{cfg.run_dir}/split.json (validation split)"
-    if cfg.limit:
-        step = max(1, len(samples.paths) // cfg.limit)
-        samples.paths, samples.labels = samples.paths[::step][:cfg.limit], samples.labels[::step][:cfg.limit]
-    cache = ImageCache.build(samples, prep)
-    x = np.ascontiguousarray(cache.images.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0
-    return x, cache.labels, source, [str(Path(samples.root) / p) for p in cache.paths]
+        return _limited(samples, cfg.limit), str(cfg.data), None
+    part, source = held_out_part(split)
+    if cfg.split != "auto":
+        part = cfg.split
+        source = f"{split} {'test' if part == 'test' else 'validation'} split" + (
+            "" if part == "test" else " (chose best.pt: selection-biased)")
+    samples = _limited(load_split_samples(split, part), cfg.limit)
+    val = samples if part == "val" else _limited(load_split_samples(split, "val"), cfg.limit)
+    return samples, source, val
 
 
-def picture_problems(paths: list[str], checks) -> list[list[str]]:
-    """cellcore.quality's checks on each photo as decoded (before any crop): what the app checks."""
-    from train.data import load_rgb
+def stream_outputs(samples, prep, models: dict, checks, batch: int):
+    """Decode `batch` images at a time with the app's decoder and run every model on them.
 
-    return [checks.problems(load_rgb(p)) for p in paths]
+    -> ({name: [N, C] outputs}, labels [N], picture problems per image, skipped [(path, reason)]).
+    Only [N, C] outputs are kept, so memory does not grow with the image size or the dataset.
+    """
+    from cellcore.imaging import BadImageError, decode
+
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in models}
+    labels, problems, skipped = [], [], []
+    for start in range(0, len(samples.paths), batch):
+        xs = []
+        for rel, label in zip(samples.paths[start:start + batch], samples.labels[start:start + batch]):
+            path = Path(samples.root) / rel
+            try:
+                rgb = decode(path).rgb
+            except BadImageError as exc:
+                skipped.append((str(path), exc.reason))
+                continue
+            problems.append(checks.problems(rgb))  # on the photo as decoded, before any crop: as the app does
+            xs.append(np.asarray(prep.apply(rgb), dtype=np.uint8))  # [S, S, 3] uint8
+            labels.append(label)
+        if not xs:
+            continue
+        x = np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2)).astype(np.float32) / 255.0  # [B, 3, S, S] 0..1
+        for name, run in models.items():
+            outs[name].append(run(x))
+        log.info("verified %d/%d images", min(start + batch, len(samples.paths)), len(samples.paths))
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    return ({k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in outs.items()},
+            np.asarray(labels, dtype=np.int64), problems, skipped)
 
 
 def abstention(out: np.ndarray, y: np.ndarray, problems: list[list[str]], rule, kind: str) -> dict:
@@ -101,14 +132,37 @@ def abstention(out: np.ndarray, y: np.ndarray, problems: list[list[str]], rule, 
             "accuracy_unflagged": float((probs.argmax(1) == y)[kept].mean()) if kept.any() else None}
 
 
+def per_class_recall(rep: dict) -> dict:
+    """{class: {recall, support, recall_ci95}}: what a model card and the app show per cell type."""
+    return {c: {"recall": m["recall"], "support": m["support"],
+                "recall_ci95": wilson(round(m["recall"] * m["support"]), m["support"])}
+            for c, m in rep["per_class"].items()}
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
 
 
+def _runner(entry: dict, path: Path, classes: list[str], input_size: int, threads: int):
+    """The runtime for one artifact; raises RuntimeUnavailable, or returns problems (Core ML structure)."""
+    if entry["format"] == "onnx":
+        return OnnxRunner(path, threads)
+    if entry["format"] == "executorch":
+        return ExecutorchRunner(path)
+    if entry["format"] == "coreml":
+        problems = coreml_structure(path, classes, input_size)
+        return problems if problems else CoreMLRunner(path, classes)
+    raise ManifestError(f"unknown format {entry['format']!r} in manifest")
+
+
 def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
+    """Every artifact against PyTorch on the held-out images; writes verify.{json,md} and the manifest's record."""
     import torch
 
+    from cellcore.quality import PictureChecks
+    from cellcore.uncertainty import rule_for
+    from export.cli import uncertainty_record
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.metrics import report
 
@@ -125,73 +179,83 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     model, prep, classes = model_from_checkpoint(ckpt)
     if classes != manifest["classes"]:
         raise ManifestError(f"{export_dir}: manifest classes {manifest['classes']} differ from the checkpoint's")
-    from cellcore.quality import PictureChecks
-    from cellcore.uncertainty import rule_for
-    from export.cli import uncertainty_record
-
-    x, y, source, paths = load_images(cfg, ckpt, classes)
-    unc = manifest.setdefault("uncertainty", {})
-    problems = picture_problems(paths, PictureChecks.from_dict(unc.get("picture_checks")))
-    # On the validation split each format gets its own temperature and threshold (an int8 model's
-    # probabilities are not fp32's); on any other folder the recorded rules are applied, not refitted.
-    fit = not cfg.data
-    per = unc.setdefault("per_artifact", {}) if fit else unc.get("per_artifact", {})
-    keep = ("temperature", "threshold", "accuracy_at_or_above", "coverage", "n", "accepted")
-
-    def fitted(out: np.ndarray, kind: str = "logits") -> dict:
-        return {k: v for k, v in uncertainty_record(out, y, unc.get("target_accuracy", 0.99), kind).items() if k in keep}
-    log.info("verifying %d images from %s", len(x), source)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ref = torch.cat([model(torch.from_numpy(x[i:i + 64])) for i in range(0, len(x), 64)]).numpy()
-    torch_ms = (time.perf_counter() - t0) * 1000 / len(x)
-    ref_rep = report(y, ref.argmax(1), classes)
-    if fit:
-        per["best.pt"] = fitted(ref)
-    rows = [{"format": "pytorch", "precision": "fp32", "file": "best.pt", "status": "reference",
-             "size_mb": (run_dir / "best.pt").stat().st_size / 1e6, "accuracy": ref_rep["accuracy"],
-             "macro_f1": ref_rep["macro_f1"], "agreement": 1.0, "max_abs_logit_diff": 0.0, "ms_per_image": torch_ms,
-             "gate": "", "note": "eager, batch 64",
-             **abstention(ref, y, problems, rule_for(manifest, "best.pt"), "logits")}]
-    ok = True
+    def torch_run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    # Load every runtime once (images are streamed through all of them); rows for those that cannot run
+    # here are decided now.
+    models, rows_fixed, entries = {"best.pt": torch_run}, {}, {}
     for entry in manifest["artifacts"]:
-        path = artifact_path(export_dir, entry)  # refuses a file whose sha256 differs from the manifest
         row = {"format": entry["format"], "precision": entry["precision"], "file": entry["file"],
                "size_mb": entry["size_bytes"] / 1e6, "accuracy": None, "macro_f1": None, "agreement": None,
                "max_abs_logit_diff": None, "ms_per_image": None, "gate": "", "note": ""}
+        path = artifact_path(export_dir, entry)  # refuses a file whose sha256 differs from the manifest
         try:
-            if entry["format"] == "onnx":
-                runner = OnnxRunner(path, cfg.threads)
-            elif entry["format"] == "executorch":
-                runner = ExecutorchRunner(path)
-            elif entry["format"] == "coreml":
-                problems = coreml_structure(path, classes, prep.input_size)
-                if problems:
-                    row.update(status="FAILED", note="; ".join(problems))
-                    ok = False
-                    rows.append(row)
-                    continue
-                runner = CoreMLRunner(path, classes)
-            else:
-                raise ManifestError(f"unknown format {entry['format']!r} in manifest")
+            runner = _runner(entry, path, classes, prep.input_size, cfg.threads)
         except RuntimeUnavailable as exc:
-            row.update(status="structure ok", note=f"numerics not measured: {exc}")
-            rows.append(row)
+            rows_fixed[entry["file"]] = {**row, "status": "structure ok", "note": f"numerics not measured: {exc}"}
             continue
-        t0 = time.perf_counter()
-        out = runner(x)
-        row["ms_per_image"] = (time.perf_counter() - t0) * 1000 / len(x)
+        if isinstance(runner, list):  # Core ML spec problems
+            rows_fixed[entry["file"]] = {**row, "status": "FAILED", "note": "; ".join(runner)}
+            continue
+        models[entry["file"]], entries[entry["file"]] = runner, entry
+
+    samples, source, val = eval_samples(cfg, ckpt, classes)
+    unc = manifest.setdefault("uncertainty", {})
+    checks = PictureChecks.from_dict(unc.get("picture_checks"))
+    keep = ("temperature", "threshold", "accuracy_at_or_above", "accuracy_ci95", "coverage", "n", "accepted")
+    if val is not None:
+        # Each format gets its own temperature and threshold, fitted on the validation split (an int8
+        # model's probabilities are not fp32's); what is reported below is measured on other images.
+        val_out, val_y, _, _ = stream_outputs(val, prep, models, checks, cfg.batch)
+        per = unc.setdefault("per_artifact", {})
+        for name, out in val_out.items():
+            kind = "logits" if name == "best.pt" else output_kind(entries[name])
+            per[name] = {k: v for k, v in uncertainty_record(out, val_y, unc.get("target_accuracy", 0.99),
+                                                              kind).items() if k in keep}
+            per[name]["chosen_on"] = f"validation split ({len(val_y)} images)"
+    log.info("verifying %d images from %s", len(samples.paths), source)
+    times: dict[str, float] = {}
+
+    def timed(name: str, run):
+        def call(x: np.ndarray) -> np.ndarray:
+            t0 = time.perf_counter()
+            out = run(x)
+            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return call
+
+    outs, y, problems, skipped = stream_outputs(samples, prep, {k: timed(k, v) for k, v in models.items()},
+                                                checks, cfg.batch)
+    ref = outs["best.pt"]
+    ms = lambda name: times.get(name, 0.0) * 1000 / max(1, len(y))  # noqa: E731
+    ref_rep = report(y, ref.argmax(1), classes)
+    rows = [{"format": "pytorch", "precision": "fp32", "file": "best.pt", "status": "reference",
+             "size_mb": (run_dir / "best.pt").stat().st_size / 1e6, "accuracy": ref_rep["accuracy"],
+             "macro_f1": ref_rep["macro_f1"], "agreement": 1.0, "max_abs_logit_diff": 0.0,
+             "ms_per_image": ms("best.pt"), "gate": "", "note": f"eager, batch {cfg.batch}",
+             "per_class": per_class_recall(ref_rep),
+             **abstention(ref, y, problems, rule_for(manifest, "best.pt"), "logits")}]
+    ok = True
+    for entry in manifest["artifacts"]:
+        name = entry["file"]
+        if name in rows_fixed:
+            rows.append(rows_fixed[name])
+            ok &= rows_fixed[name]["status"] != "FAILED"
+            continue
+        row = {"format": entry["format"], "precision": entry["precision"], "file": name,
+               "size_mb": entry["size_bytes"] / 1e6, "max_abs_logit_diff": None, "note": ""}
+        out, kind = outs[name], output_kind(entry)
         pred = out.argmax(1)
         rep = report(y, pred, classes)
-        row.update(accuracy=rep["accuracy"], macro_f1=rep["macro_f1"], agreement=float((pred == ref.argmax(1)).mean()))
-        kind = entry.get("output_kind", "logits")
-        if fit:
-            per[entry["file"]] = fitted(out, kind)
-        row.update(abstention(out, y, problems, rule_for(manifest, entry["file"]), kind))
-        if entry.get("output_kind", "logits") == "logits":
+        row.update(accuracy=rep["accuracy"], macro_f1=rep["macro_f1"], agreement=float((pred == ref.argmax(1)).mean()),
+                   ms_per_image=ms(name), per_class=per_class_recall(rep),
+                   **abstention(out, y, problems, rule_for(manifest, name), kind))
+        if kind == "logits":
             row["max_abs_logit_diff"] = float(np.abs(out - ref).max())
         else:  # probabilities (Core ML): compare against PyTorch's softmax
             row["max_abs_prob_diff"] = float(np.abs(out - _softmax(ref)).max())
@@ -213,20 +277,26 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     for r in rows:  # every accuracy on a few hundred images gets its 95% interval
         if r["accuracy"] is not None:
             r["accuracy_ci95"] = wilson(round(r["accuracy"] * len(y)), len(y))
-    result = {"source": source, "images": int(len(x)), "classes": classes, "passed": bool(ok), "rows": rows}
-    (export_dir / "verify.json").write_text(json.dumps(result, indent=2))
-    table = format_table(rows, source, len(x))
-    (export_dir / "verify.md").write_text(table + "\n")
-    # The app's About screen shows these numbers: record them in the manifest (artifacts unchanged). The
-    # run's own held-out split is the canonical record; any other folder is kept under its own name.
-    record = {r["file"]: {k: r.get(k) for k in ("format", "precision", "status", "accuracy", "macro_f1", "agreement",
-                                                 "flagged", "accuracy_unflagged")} for r in rows}
-    if fit:
-        manifest["metrics"]["verify"] = record
-        manifest["metrics"]["verify_source"] = {"source": source, "images": int(len(x))}
+    fingerprint = samples.fingerprint()
+    result = {"source": source, "images": int(len(y)), "fingerprint": fingerprint, "classes": classes,
+              "passed": bool(ok), "rows": rows, "per_class": ref_rep["per_class"],
+              "skipped": [{"path": p, "reason": r} for p, r in skipped]}
+    stem = f"verify_{Path(cfg.data).name}" if cfg.data else "verify"  # the test split's tables stay put
+    (export_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    table = format_table(rows, source, len(y))
+    (export_dir / f"{stem}.md").write_text(table + "\n")
+    # The app's About screen shows these numbers beside the data they come from. The run's own held-out
+    # split is the canonical record; any other folder is kept under its own name and fingerprint.
+    record = {r["file"]: {k: r.get(k) for k in ("format", "precision", "status", "accuracy", "accuracy_ci95",
+                                                 "macro_f1", "agreement", "flagged", "accuracy_unflagged",
+                                                 "per_class")}
+              for r in rows}
+    about = {"source": source, "images": int(len(y)), "fingerprint": fingerprint}
+    if cfg.data:
+        manifest["metrics"].setdefault("verify_other", {})[Path(cfg.data).name] = {**about, "results": record}
     else:
-        manifest["metrics"].setdefault("verify_other", {})[Path(cfg.data).name] = {
-            "source": source, "images": int(len(x)), "results": record}
+        manifest["metrics"]["verify"] = record
+        manifest["metrics"]["verify_source"] = {**about, "split": "test" if " test split" in source else "val"}
     write_manifest(manifest, export_dir)
     print(table)
     return rows, ok
@@ -266,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     setup_logging(None)
-    cfg = VerifyConfig(run_dir=args.run_dir, data=args.data, limit=args.limit, threads=args.threads)
+    cfg = VerifyConfig(run_dir=args.run_dir, data=args.data, split=args.split, limit=args.limit,
+                       threads=args.threads, batch=args.batch)
     try:
         rows, ok = verify(cfg)
     except (ManifestError, CheckpointError, DatasetError, FileNotFoundError) as exc:

@@ -147,7 +147,7 @@ def test_bundle_refuses_what_the_pinned_runtime_cannot_read(fmt: str, ir_version
     err = capsys.readouterr().err
     if refused is None:
         assert rc == 0, err
-        assert len(list(dest.iterdir())) == 2  # the model file and manifest.json
+        assert len(list(dest.iterdir())) == 3  # the model file, manifest.json and MODEL_CARD.md
         return
     assert rc == 2
     name = "tiny_xnnpack_fp32.pte" if fmt == "executorch" else "tiny.onnx"
@@ -163,3 +163,28 @@ def test_resolving_reports_missing_classes_instead_of_failing() -> None:
     assert set(jc.classes) == set(runtimes.ANDROID_JAVA_CLASSES) - {"org.pytorch.executorch.Module"}
     with pytest.raises(runtimes.JavaClassMissingError, match="ClassNotFoundException"):
         jc.get("org.pytorch.executorch.Module")
+
+
+def test_every_java_member_the_fakes_offer_is_in_the_documented_api() -> None:
+    """The app can only call what the fakes define (anything else is an AttributeError in the tests), so every
+    public member of every fake Java class must exist in the real runtime as its source documents it."""
+    from mobile_app.runtimes import ANDROID_JAVA_CLASSES
+    from tests.fixtures_app.fake_jnius import FakeJVM
+    from tests.fixtures_app.java_api import DOCUMENTED_JAVA_API, FAKE_ONLY
+
+    bridge = FakeJVM().bridge()
+    assert set(ANDROID_JAVA_CLASSES) <= set(DOCUMENTED_JAVA_API)  # the classes resolved at start-up exist
+    for name in ANDROID_JAVA_CLASSES:
+        offered = {a for a in dir(bridge.autoclass(name)) if not a.startswith("_")}
+        invented = offered - DOCUMENTED_JAVA_API[name] - FAKE_ONLY.get(name, frozenset())
+        assert not invented, f"{name}: {sorted(invented)} are not in the documented API"
+
+
+def test_the_app_never_calls_a_fake_only_helper() -> None:
+    import ast
+
+    import mobile_app.runtimes as rt
+    from tests.fixtures_app.java_api import FAKE_ONLY
+
+    called = {n.attr for n in ast.walk(ast.parse(Path(rt.__file__).read_text())) if isinstance(n, ast.Attribute)}
+    assert not called & set().union(*FAKE_ONLY.values())

@@ -9,7 +9,9 @@ import pytest
 
 from tests.fixtures_app import images as img
 from tests.fixtures_app.exports import artifact_file, copy_export, edit_manifest
-from mobile_app import cli, imaging
+from cellcore import imaging
+from cellcore.preprocess import Preprocessing
+from mobile_app import cli
 from mobile_app.classifier import UNCERTAIN_MESSAGE, CellClassifier
 from mobile_app.errors import BadImageError, ManifestError, ModelError, ModelIntegrityError
 
@@ -75,8 +77,8 @@ def test_cli_reports_each_bad_file_and_fails_only_then(tmp_path: Path, sample: P
     assert rc == 1 and len(lines) == 4, out
     file, label, prob, *rest = lines[0].split("\t")
     assert file == str(sample) and 0.0 <= float(prob) <= 1.0
-    assert rest == ([UNCERTAIN_MESSAGE] if float(prob) < json.loads((smoke_export / "manifest.json").read_text())
-                    ["uncertainty"]["threshold"] else [])
+    threshold = json.loads((smoke_export / "manifest.json").read_text())["uncertainty"]["threshold"]
+    assert rest == ([UNCERTAIN_MESSAGE] if threshold is None or float(prob) < threshold else [])
     for line, path, reason in zip(lines[1:], bad, ("not an image", "too small", "truncated")):
         assert line.startswith(f"{path}\terror: ") and reason in line
     assert "3 of 4 image(s) could not be classified" in out.err
@@ -97,7 +99,8 @@ def test_10000px_photo_is_downscaled_while_decoding(fmt: str, huge_files: dict[s
     decoded = imaging.decode(huge_files[fmt])
     assert decoded.original_size == (10000, 10000)
     assert decoded.rgb.width * decoded.rgb.height <= imaging.MAX_DECODE_PIXELS  # draft (JPEG) / reduce (PNG)
-    assert decoded.original_crop_box == pytest.approx((0, 0, 10000, 10000), abs=8)
+    # the square the app reports (classifier.py): box_for on the downscaled photo, in the file's own pixels
+    assert decoded.to_original(Preprocessing(input_size=64).box_for(decoded.rgb)) == pytest.approx((0, 0, 10000, 10000), abs=8)
     pred = classifier.classify(huge_files[fmt])
     assert pred.image_size == (10000, 10000) and pred.label in classifier.manifest.classes
 

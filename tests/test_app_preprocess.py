@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.fixtures_app import images as img
-from mobile_app import imaging
+from cellcore import imaging
 
 train_data = pytest.importorskip("train.data")
 from train.preprocess import Preprocessing  # noqa: E402
@@ -75,7 +76,8 @@ def test_matches_training_on_unusual_encodings(real: list[Path], encoding: str, 
 @pytest.mark.parametrize("w,h,box", [(360, 363, (0, 1, 360, 361)), (400, 300, (50, 0, 350, 300)),
                                      (301, 300, (0, 0, 300, 300)), (64, 64, (0, 0, 64, 64))])
 def test_crop_box_is_the_largest_centred_square(w: int, h: int, box: tuple) -> None:
-    assert imaging.crop_box(w, h) == box == Preprocessing(input_size=64).crop_box(w, h)
+    # what the app classifies: Preprocessing.box_for, on the decoded photo (classifier.py)
+    assert Preprocessing(input_size=64).box_for(Image.new("RGB", (w, h))) == box
 
 
 @pytest.mark.parametrize("source", ["pbc_dev", "crosslab_dev"])
@@ -95,10 +97,14 @@ def test_cell_crop_finds_the_cell(real: list[Path], crosslab: list[Path], source
 
 
 def test_mobile_app_stays_torch_free() -> None:
-    """The phone build has no torch: nothing in mobile_app may import torch, train or export at module level."""
+    """The phone build has no torch: nothing in mobile_app or cellcore may import torch, train or export at module level."""
     import ast
 
-    for py in Path(imaging.__file__).parent.glob("*.py"):
+    import mobile_app
+
+    pys = [*Path(imaging.__file__).parent.glob("*.py"), *Path(mobile_app.__file__).parent.glob("*.py")]
+    assert len(pys) > 10
+    for py in pys:
         tree = ast.parse(py.read_text())
         for node in tree.body:  # module level only; runtimes.py imports torch lazily inside ExecuTorchDesktop
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \

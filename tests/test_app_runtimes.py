@@ -1,8 +1,9 @@
-"""Phone runtimes (ORT Android, ExecuTorch Android, Core ML) run their real call sequences against faithful fakes.
+"""Phone runtimes (ORT Android, ExecuTorch Android, Core ML): call sequences against fakes, and what is real.
 
-The fakes (tests/fixtures_app) use the real Java / ObjC class and method names and compute with the
-desktop engines on the same model file, so each phone path must give the desktop path's probabilities.
-Nothing here ran on a phone.
+The fakes (tests/fixtures_app) compute with the desktop engines on the same model file, so these tests
+check the app's call sequence and its handling of inputs and outputs, not the phone runtimes themselves.
+What can be checked for real here is: the Java/ObjC class and method names against the runtimes'
+documented APIs (tests/test_app_android.py), and the exported Core ML package's spec. Nothing ran on a phone.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.fixtures_app.fake_pyobjus import FakeObjC, make_fake_mlpackage
 from mobile_app import runtimes
 from mobile_app.classifier import CellClassifier
 from mobile_app.errors import RuntimeUnavailableError
-from mobile_app.manifest import sha256_of
+from cellcore.files import sha256_of
 
 N_IMAGES = 4
 
@@ -65,7 +66,7 @@ def in_order(calls: list[str], expected: list[str]) -> bool:
     ("onnx", ORT_ANDROID_SEQUENCE, ["Result", "OnnxTensor", "OrtSession"]),
     ("executorch", ET_ANDROID_SEQUENCE, ["Module"]),
 ])
-def test_android_runtime_matches_desktop(fmt: str, sequence: list[str], closed: list[str], smoke_export: Path,
+def test_android_call_sequence_against_a_fake_jvm(fmt: str, sequence: list[str], closed: list[str], smoke_export: Path,
                                          photos: list[Path], desktop_probs: list[list[float]]) -> None:
     if fmt == "executorch":
         pytest.importorskip("executorch.runtime")
@@ -94,19 +95,41 @@ def test_android_falls_back_to_executorch_without_onnx_runtime(smoke_export: Pat
 
 
 def coreml_export(smoke_export: Path, dst: Path) -> Path:
-    """manifest + a fake Core ML package standing in for the exported one (listed as the exporter lists it)."""
+    """The smoke export with its Core ML entry exactly as the exporter wrote it, but the package replaced by
+    one whose fake runtime computes with the ONNX file (Core ML cannot run off macOS)."""
     onnx = artifact_file(smoke_export, "onnx", "fp32")
     copy_export(smoke_export, dst, [])
     manifest = json.loads((dst / "manifest.json").read_text())
-    pkg = make_fake_mlpackage(dst / "model_coreml_fp16.mlpackage", onnx, manifest["classes"])
-    entry = {"file": pkg.name, "format": "coreml", "precision": "fp16", "runtime": "coreml", "batch": 1,
-             "input": "image", "input_kind": "image_rgb_scale_1/255", "output": "classLabel_probs",
-             "output_kind": "probabilities", "label_output": "classLabel", "size_bytes": 0, "sha256": sha256_of(pkg)}
+    real = next(a for a in json.loads((smoke_export / "manifest.json").read_text())["artifacts"]
+                if a["format"] == "coreml")
+    pkg = make_fake_mlpackage(dst / real["file"], onnx, manifest["classes"])
+    entry = {**real, "size_bytes": 0, "sha256": sha256_of(pkg)}
     edit_manifest(dst, lambda m: m.update(artifacts=[a for a in m["artifacts"] if a["format"] != "coreml"] + [entry]))
     return dst
 
 
-def test_coreml_runtime_matches_desktop(smoke_export: Path, photos: list[Path], desktop_probs: list[list[float]],
+def test_app_reads_the_real_coreml_package_by_its_spec(smoke_export: Path) -> None:
+    """What the iOS runtime will ask the exported .mlpackage for, checked against its real spec (readable on Linux):
+    the input it fills, its image size and scale, the output it reads and the class order."""
+    ct = pytest.importorskip("coremltools")
+    from export.runtimes import _labels
+    from mobile_app.manifest import load_manifest
+
+    m = load_manifest(smoke_export)
+    art = next(a for a in m.artifacts if a.format == "coreml")
+    spec = ct.utils.load_spec(str(art.path))
+    inputs = {i.name: i.type for i in spec.description.input}
+    outputs = {o.name: o.type for o in spec.description.output}
+    image = inputs[art.input_name].imageType  # KeyError here: the app would fill an input the model lacks
+    assert (image.width, image.height) == (m.input_size, m.input_size)
+    assert image.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
+    assert outputs[art.output_name].WhichOneof("Type") == "dictionaryType"  # probabilities by class label
+    assert spec.description.predictedFeatureName == m.raw["artifacts"][m.artifacts.index(art)]["label_output"]
+    assert _labels(spec) == m.classes  # the dictionary's keys are the manifest's classes, in its order
+    assert "0.0039215" in str(spec.mlProgram)  # the 1/255 image scale: the app passes 0..255 pixels
+
+
+def test_coreml_call_sequence_against_a_fake_runtime(smoke_export: Path, photos: list[Path], desktop_probs: list[list[float]],
                                         tmp_path: Path) -> None:
     export = coreml_export(smoke_export, tmp_path / "export")
     objc = FakeObjC()
@@ -121,19 +144,11 @@ def test_coreml_runtime_matches_desktop(smoke_export: Path, photos: list[Path], 
 
 def test_coreml_package_is_checked_like_any_model(smoke_export: Path, tmp_path: Path) -> None:
     export = coreml_export(smoke_export, tmp_path / "export")
-    (export / "model_coreml_fp16.mlpackage" / "Manifest.json").write_text("{}")  # changed after export
+    next(export.glob("*.mlpackage")).joinpath("Manifest.json").write_text("{}")  # changed after export
     from mobile_app.errors import ModelIntegrityError
 
     with pytest.raises(ModelIntegrityError, match="does not match the manifest"):
         CellClassifier(export, platform="ios", bridge=FakeObjC().bridge()).load()
-
-
-def test_sha256_of_folder_is_the_exporters(tmp_path: Path) -> None:
-    export_manifest = pytest.importorskip("export.manifest")
-    pkg = make_fake_mlpackage(tmp_path / "m.mlpackage", tmp_path / "x.onnx", ["a", "b"])
-    assert sha256_of(pkg) == export_manifest.sha256_of(pkg)
-    f = pkg / "Manifest.json"
-    assert sha256_of(f) == export_manifest.sha256_of(f)
 
 
 @pytest.mark.parametrize("platform,fmt,message", [

@@ -12,7 +12,7 @@ REMOTE = "/data/local/tmp/cellvit_bench"
 @pytest.fixture
 def export_dir(tmp_path: Path) -> Path:
     """A manifest with the six artifacts export writes (dummy bytes: nothing is run)."""
-    from export.manifest import SCHEMA_VERSION, sha256_of, write_manifest
+    from cellcore.manifest import SCHEMA_VERSION, sha256_of, write_manifest
 
     d = tmp_path / "runs" / "r1" / "export"
     d.mkdir(parents=True)
@@ -30,7 +30,8 @@ def export_dir(tmp_path: Path) -> Path:
             p.write_bytes(fname.encode())
         arts.append({"file": fname, "format": fmt, "precision": prec, "sha256": sha256_of(p)})
     write_manifest({"schema_version": SCHEMA_VERSION, "model": {"arch": "mobilevit_xxs"}, "classes": ["a", "b"],
-                    "input": {"shape": [1, 3, 128, 128]}, "preprocessing": {}, "output": {}, "artifacts": arts}, d)
+                    "input": {"shape": [1, 3, 128, 128]}, "preprocessing": {"input_size": 128}, "output": {},
+                    "uncertainty": {"threshold": None}, "artifacts": arts}, d)
     return d
 
 

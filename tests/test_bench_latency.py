@@ -7,7 +7,7 @@ from pathlib import Path
 
 def test_latency_quick(smoke_export: Path, tmp_path: Path):
     from benchmarks.latency import main
-    from export.manifest import read_manifest
+    from cellcore.manifest import read_manifest
 
     manifest = read_manifest(smoke_export)
     out = tmp_path / "bench"

@@ -67,7 +67,7 @@ def test_bad_strength_and_helpers(photo: Image.Image):
 
 def test_end_to_end_smoke_export(smoke_export: Path, pbc_dev: Path, tmp_path: Path):
     from benchmarks.robustness import main
-    from export.manifest import read_manifest
+    from cellcore.manifest import read_manifest
     from train.data import load_split_samples
 
     manifest = read_manifest(smoke_export)

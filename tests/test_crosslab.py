@@ -10,7 +10,7 @@ from PIL import Image
 
 from cellcore.preprocess import Preprocessing
 from cellcore.quality import PictureChecks
-from cellcore.uncertainty import UncertaintyRule, choose_threshold, fit_temperature, rule_for, softmax
+from cellcore.uncertainty import THRESHOLDS, UncertaintyRule, choose_threshold, fit_temperature, rule_for, softmax
 
 torch = pytest.importorskip("torch")
 
@@ -103,8 +103,14 @@ def test_threshold_is_null_when_the_target_cannot_be_met(target: float, reachabl
     json.dumps(got, allow_nan=False)  # valid JSON for any reader: null, never NaN
     assert (got["threshold"] is not None) == reachable
     if reachable:
+        correct = probs.argmax(1) == labels
         keep = probs.max(1) >= got["threshold"]
-        assert (probs.argmax(1) == labels)[keep].mean() >= target
+        assert correct[keep].mean() >= target and got["accepted"] == keep.sum() < len(labels)
+        lo, hi = got["accuracy_ci95"]
+        assert lo <= got["accuracy_at_or_above"] <= hi
+        # the smallest such threshold: one grid step lower misses the target (coverage is not given away)
+        lower = [t for t in THRESHOLDS if t < got["threshold"]]
+        assert lower and correct[probs.max(1) >= lower[-1]].mean() < target
 
 
 def test_rule_per_artifact_and_fallback() -> None:

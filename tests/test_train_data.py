@@ -21,6 +21,7 @@ from train.data import (
     save_split,
     scan_dataset,
     stratified_split,
+    held_out_part,
 )
 from train.preprocess import Preprocessing
 
@@ -60,9 +61,9 @@ def test_every_supported_variant_decodes_to_8bit_rgb(kind: str, real_rgb: np.nda
 
 
 @pytest.mark.parametrize("content,reason", [
-    (b"not an image at all", "cannot decode"),
-    ("truncated", "cannot decode"),
-    (b"", "cannot decode"),
+    (b"not an image at all", "not an image"),
+    ("truncated", "truncated"),
+    (b"", "not an image"),
 ])
 def test_unreadable_image_raises_with_path(content, reason: str, pbc_dev: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jpg"
@@ -71,7 +72,8 @@ def test_unreadable_image_raises_with_path(content, reason: str, pbc_dev: Path, 
     bad.write_bytes(content)
     with pytest.raises(BadImageError) as exc:
         load_rgb(bad)
-    assert str(bad) in str(exc.value) and reason in str(exc.value)
+    # the path travels with the error (skip reports list it); the message names the file for the user
+    assert exc.value.path == str(bad) and "bad.jpg" in str(exc.value) and reason in str(exc.value)
 
 
 def test_cache_skips_and_reports_corrupt_images(pbc_sample: Path, tmp_path: Path, caplog) -> None:
@@ -159,18 +161,43 @@ def test_zip_dataset_reads_like_the_folder(pbc_dev: Path, tmp_path: Path, monkey
 
 def test_split_is_stratified_deterministic_and_saved(pbc_dev: Path, tmp_path: Path) -> None:
     samples = scan_dataset(pbc_dev)
-    tr, va = stratified_split(samples.labels, 0.1, seed=0)
-    assert stratified_split(samples.labels, 0.1, seed=0) == (tr, va)
-    assert stratified_split(samples.labels, 0.1, seed=1) != (tr, va)
-    assert not set(tr) & set(va) and len(tr) + len(va) == len(samples.paths)
+    tr, va, te = stratified_split(samples.labels, 0.1, seed=0, test_fraction=0.1)
+    assert stratified_split(samples.labels, 0.1, seed=0, test_fraction=0.1) == (tr, va, te)
+    assert stratified_split(samples.labels, 0.1, seed=1, test_fraction=0.1) != (tr, va, te)
+    assert not set(tr) & set(va) and not set(tr) & set(te) and not set(va) & set(te)
+    assert len(tr) + len(va) + len(te) == len(samples.paths)
     lab = np.asarray(samples.labels)
-    for c in range(len(samples.classes)):  # every class is 10% +- one image in validation
+    for c in range(len(samples.classes)):  # every class is 10% +- one image in validation and in test
         n = (lab == c).sum()
-        assert abs((lab[va] == c).sum() - 0.1 * n) <= 1
-    save_split(tmp_path / "split.json", samples, tr, va, 0, 0.1)
-    val = load_split_samples(tmp_path / "split.json", "val")
-    assert val.paths == [samples.paths[i] for i in va]
+        assert abs((lab[va] == c).sum() - 0.1 * n) <= 1 and abs((lab[te] == c).sum() - 0.1 * n) <= 1
+    # the paper's 90/10 (test_fraction 0) has the same validation part; test comes out of train
+    tr90, va90, te90 = stratified_split(samples.labels, 0.1, seed=0)
+    assert va90 == va and te90 == [] and sorted(tr + te) == tr90
+    save_split(tmp_path / "split.json", samples, tr, va, 0, 0.1, te, 0.1)
+    assert load_split_samples(tmp_path / "split.json", "val").paths == [samples.paths[i] for i in va]
+    assert load_split_samples(tmp_path / "split.json", "test").paths == [samples.paths[i] for i in te]
+    assert held_out_part(tmp_path / "split.json")[0] == "test"
     assert json.loads((tmp_path / "split.json").read_text())["fingerprint"] == samples.fingerprint()
+
+
+@pytest.mark.parametrize("val,test", [(0.0, 0.1), (0.1, -0.1), (0.5, 0.5), (1.0, 0.0)])
+def test_split_refuses_impossible_fractions(val: float, test: float) -> None:
+    with pytest.raises(ValueError, match="fraction"):
+        stratified_split([0, 1] * 20, val, seed=0, test_fraction=test)
+
+
+def test_old_split_without_test_part_keeps_working_and_says_so(pbc_dev: Path, tmp_path: Path, caplog) -> None:
+    samples = scan_dataset(pbc_dev)
+    tr, va, _ = stratified_split(samples.labels, 0.1, seed=0)
+    doc = {"root": str(samples.root), "classes": samples.classes, "seed": 0, "val_fraction": 0.1,
+           "train": [[samples.paths[i], samples.classes[samples.labels[i]]] for i in tr],
+           "val": [[samples.paths[i], samples.classes[samples.labels[i]]] for i in va]}
+    (tmp_path / "split.json").write_text(json.dumps(doc))  # as runs wrote it before the test split
+    with caplog.at_level("WARNING"):
+        part, source = held_out_part(tmp_path / "split.json")
+    assert part == "val" and "selection-biased" in source and "no test part" in caplog.text
+    with pytest.raises(DatasetError, match="no 'test' part"):
+        load_split_samples(tmp_path / "split.json", "test")
 
 
 def test_balanced_sampler_draws_near_uniform_classes_from_imbalanced_pbc(pbc_dev: Path) -> None:

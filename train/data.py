@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from cellcore.files import atomic_write_text  # noqa: F401  (train.* writes through it)
+from cellcore.imaging import IMAGE_EXTS, BadImageError, decode  # noqa: F401  (BadImageError: train.* catches it)
 from train.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 CLASSMAP_DIR = Path(__file__).parent / "classmaps"
 
 
@@ -29,64 +30,15 @@ class DatasetError(ValueError):
     """A dataset folder, zip or class map that cannot be used; the message names the path."""
 
 
-class BadImageError(ValueError):
-    """One image that cannot be decoded; carries the path and the reason."""
-
-    def __init__(self, path: Path | str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-
 # ----------------------------------------------------------------------------- images
 
-def _to_uint8_rgb(arr: np.ndarray) -> np.ndarray:
-    """Any numeric HxW, HxWx1/3/4 array (8/16-bit, float) -> HxWx3 uint8.
-
-    mobile_app/imaging.py has a twin of this (the app ships without this package);
-    tests/test_app_preprocess.py checks the two decode every format identically.
-    """
-    if arr.dtype == np.uint16:
-        arr = (arr >> 8).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        a = arr.astype(np.float64)
-        hi = 1.0 if a.max() <= 1.0 else (65535.0 if a.max() > 255 else 255.0)
-        arr = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] >= 3:
-        arr = arr[:, :, :3]  # drop alpha: slide scans have no meaningful transparency
-    else:
-        raise ValueError(f"unsupported array shape {arr.shape}")
-    return np.ascontiguousarray(arr)
-
-
 def load_rgb(path: Path | str) -> Image.Image:
-    """Decode any supported image into an 8-bit RGB PIL image, or raise BadImageError."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()  # forces full decode: truncated files fail here, not later
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return Image.fromarray(_to_uint8_rgb(np.asarray(im)))
-            if im.mode == "RGB":
-                return im.copy()
-            if im.mode in ("RGBA", "LA", "P", "PA"):
-                return im.convert("RGBA").convert("RGB")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        # Pillow cannot read 16-bit-per-channel RGB TIFFs; tifffile can.
-        if path.suffix.lower() in (".tif", ".tiff"):
-            try:
-                import tifffile
+    """Decode any supported image into an 8-bit RGB PIL image, or raise BadImageError.
 
-                return Image.fromarray(_to_uint8_rgb(tifffile.imread(path)))
-            except Exception as exc2:  # noqa: BLE001 - tifffile raises many types; we re-raise typed
-                raise BadImageError(path, f"cannot decode TIFF ({exc2})") from exc2
-        raise BadImageError(path, f"cannot decode image ({exc})") from exc
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"image too large ({exc})") from exc
+    The app's decoder (cellcore.imaging.decode), so a photo becomes the same pixels in training, verify and
+    on the phone: 16-bit and planar TIFFs, alpha, palettes and huge photos alike.
+    """
+    return decode(path).rgb
 
 
 # ----------------------------------------------------------------------------- locating data
@@ -106,10 +58,7 @@ def resolve_dataset_root(path: Path | str) -> Path:
         st = path.stat()
         dest = _cache_dir() / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
         if not (dest / ".complete").exists():
-            log.info("extracting %s -> %s", path, dest)
-            with zipfile.ZipFile(path) as zf:
-                zf.extractall(dest)
-            (dest / ".complete").write_text("ok")
+            _extract_atomic(path, dest)
         path = dest
     # Descend through wrapper folders (PBC_dataset_normal_DIB/, AML-Cytomorphology_LMU/, __MACOSX aside).
     while True:
@@ -119,6 +68,30 @@ def resolve_dataset_root(path: Path | str) -> Path:
             path = subdirs[0]
             continue
         return path
+
+
+def _extract_atomic(archive: Path, dest: Path) -> None:
+    """Extract into a private temp folder, then rename it into place.
+
+    Processes extracting the same archive at once (DDP ranks, parallel tuning runs) never read or write a
+    half-extracted folder: each extracts alone and the first rename wins; the others drop their copy.
+    """
+    import shutil
+
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("extracting %s -> %s", archive, dest)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp)
+    (tmp / ".complete").write_text("ok")
+    if dest.exists() and not (dest / ".complete").exists():
+        shutil.rmtree(dest, ignore_errors=True)  # left half-done by a run killed before extraction was atomic
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / ".complete").exists():
+            raise
 
 
 def _images_in(folder: Path, shallow: bool = False) -> list[Path]:
@@ -249,53 +222,84 @@ def scan_onto_classes(folder: Path | str, classes: list[str], class_map: "ClassM
 
 # ----------------------------------------------------------------------------- split
 
-def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic per-class split: same labels + fraction + seed -> same indices, on any machine."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    train_idx, val_idx = [], []
+def stratified_split(labels: list[int], val_fraction: float, seed: int,
+                     test_fraction: float = 0.0) -> tuple[list[int], list[int], list[int]]:
+    """Deterministic per-class split -> (train, val, test) indices; same inputs -> same split on any machine.
+
+    Validation picks the model and tunes the uncertainty threshold; test is never looked at until the end,
+    so its numbers are the honest ones. With test_fraction 0 the split is the paper's train/val only, and
+    the val part is the same as with a test part (test is carved out of what would have been train).
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0 or (name == "val_fraction" and f == 0.0):
+            raise ValueError(f"{name} must be in {'(0' if name == 'val_fraction' else '[0'}, 1), got {f}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must leave images to train on, got "
+                         f"{val_fraction} + {test_fraction}")
+    train_idx, val_idx, test_idx = [], [], []
     labels_arr = np.asarray(labels)
     for c in np.unique(labels_arr):
         idx = np.flatnonzero(labels_arr == c).tolist()
         random.Random(seed * 1000003 + int(c)).shuffle(idx)
         n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        n_test = max(1, round(len(idx) * test_fraction)) if test_fraction > 0 and len(idx) > 2 else 0
         val_idx += idx[:n_val]
-        train_idx += idx[n_val:]
-    return sorted(train_idx), sorted(val_idx)
+        test_idx += idx[n_val:n_val + n_test]
+        train_idx += idx[n_val + n_test:]
+    return sorted(train_idx), sorted(val_idx), sorted(test_idx)
 
 
 def save_split(path: Path, samples: Samples, train_idx: list[int], val_idx: list[int], seed: int,
-               val_fraction: float) -> None:
+               val_fraction: float, test_idx: list[int] | None = None, test_fraction: float = 0.0) -> None:
+    rows = lambda idx: [[samples.paths[i], samples.classes[samples.labels[i]]] for i in idx]  # noqa: E731
     data = {
         "root": str(samples.root), "classes": samples.classes, "seed": seed, "val_fraction": val_fraction,
-        "fingerprint": samples.fingerprint(),
-        "train": [[samples.paths[i], samples.classes[samples.labels[i]]] for i in train_idx],
-        "val": [[samples.paths[i], samples.classes[samples.labels[i]]] for i in val_idx],
+        "test_fraction": test_fraction, "fingerprint": samples.fingerprint(),
+        "train": rows(train_idx), "val": rows(val_idx), "test": rows(test_idx or []),
     }
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
-def load_split_samples(path: Path, part: str, root: Path | str | None = None) -> Samples:
-    """The 'train' or 'val' half of a saved split.json, as Samples (root overridable if data moved)."""
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def _read_split(path: Path | str) -> dict:
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise DatasetError(f"split file not found: {path}") from exc
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def held_out_part(path: Path) -> tuple[str, str]:
+    """-> (part, description) of the split a run's final numbers come from: "test" when split.json has one.
+
+    Runs made before the test split existed (or with --test-fraction 0, the paper's 90/10) only have the
+    validation part, which chose best.pt: their numbers are optimistic, and the description says so.
+    """
+    data = _read_split(path)
+    if data.get("test"):
+        return "test", f"{path} test split ({len(data['test'])} images never used in training or selection)"
+    log.warning("%s has no test part (a run from before the train/val/test split, or --test-fraction 0): "
+                "numbers are on the validation split that chose the model and are optimistic", path)
+    return "val", f"{path} validation split (no test part in this run: selection-biased)"
+
+
+def load_split_samples(path: Path, part: str, root: Path | str | None = None) -> Samples:
+    """One part ("train", "val" or "test") of a saved split.json, as Samples (root overridable if data moved)."""
+    if part not in SPLIT_PARTS:
+        raise ValueError(f"unknown split part {part!r}; valid: {', '.join(SPLIT_PARTS)}")
+    data = _read_split(path)
+    if part not in data:
+        raise DatasetError(f"{path} has no {part!r} part (a run from before the train/val/test split); "
+                           f"use the 'val' part or retrain")
     classes = data["classes"]
     rows = data[part]
     base = Path(root) if root else Path(data["root"])
     if not base.exists():
         raise DatasetError(f"{path}: dataset root {base} no longer exists; pass the data folder explicitly")
     return Samples(root=base, paths=[r[0] for r in rows], labels=[classes.index(r[1]) for r in rows], classes=classes)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- cache

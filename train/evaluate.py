@@ -1,4 +1,4 @@
-"""`python -m train.evaluate`: a checkpoint on any labelled folder (or its run's validation split) -> metrics."""
+"""`python -m train.evaluate`: a checkpoint on any labelled folder (or its run's test split) -> metrics."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a best.pt/last.pt (default: <run-dir>/best.pt)")
     p.add_argument("--run-dir", help="a training run folder")
     p.add_argument("--data", help="labelled folder or .zip with the checkpoint's classes "
-                                  "(default: the run's saved validation split)")
+                                  "(default: the run's held-out test split)")
+    p.add_argument("--split", default="auto", choices=("auto", "test", "val"),
+                   help="without --data: part of the run's split.json (default auto: test, or val for runs "
+                        "made before the test split, which then says its numbers are selection-biased)")
     p.add_argument("--out", help="JSON report path (default: <run-dir>/eval/<data name>.json)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--save-logits", help="also write the logits and labels to this .npz (for calibration studies)")
@@ -23,11 +26,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_size: int = 128,
-             save_logits: Path | None = None) -> dict:
+             save_logits: Path | None = None, split: str = "auto") -> dict:
     import torch
 
     from train.checkpoint import load_checkpoint, model_from_checkpoint
-    from train.data import DatasetError, ImageCache, load_split_samples, scan_onto_classes
+    from train.data import DatasetError, ImageCache, held_out_part, load_split_samples, scan_onto_classes
     from train.engine import predict_logits, to_tensor_nchw
     from train.metrics import report
 
@@ -38,9 +41,11 @@ def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_siz
         source = str(data)
     else:
         if run_dir is None:
-            raise DatasetError("give --data, or --run-dir whose split.json holds the validation images")
-        samples = load_split_samples(run_dir / "split.json", "val")
-        source = f"{run_dir}/split.json (validation split)"
+            raise DatasetError("give --data, or --run-dir whose split.json holds the held-out images")
+        part, source = held_out_part(run_dir / "split.json")  # test; val (and says so) for older runs
+        if split != "auto":
+            part, source = split, f"{run_dir / 'split.json'} {'test' if split == 'test' else 'validation'} split"
+        samples = load_split_samples(run_dir / "split.json", part)
     cache = ImageCache.build(samples, prep)
     logits = predict_logits(model, to_tensor_nchw(cache.images), torch.device("cpu"), batch=batch_size)
     rep = report(cache.labels, logits.argmax(1).numpy(), classes)
@@ -70,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rep = evaluate(ckpt, args.data, run_dir, args.batch_size,
-                       Path(args.save_logits) if args.save_logits else None)
+                       Path(args.save_logits) if args.save_logits else None, args.split)
     except (CheckpointError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
-    name = Path(args.data).name if args.data else "val"
+    name = Path(args.data).name if args.data else ("test" if " test split" in rep["source"] else "val")
     out = Path(args.out) if args.out else ckpt.parent / "eval" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep, indent=2))

@@ -141,7 +141,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     else:
         from train.data import stratified_split
 
-        tr, va = stratified_split(labels, cfg.val_fraction, cfg.seed)
+        tr, va, _ = stratified_split(labels, cfg.val_fraction, cfg.seed)
     if not tr:
         raise DatasetError(f"{cfg.data}: no images to fine-tune on")
     save_split(run_dir / "split.json", samples, tr, va, cfg.seed, cfg.val_fraction if cfg.shots <= 0 else 0.0)

@@ -210,7 +210,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    from export.manifest import ManifestError, read_manifest
+    from cellcore.manifest import ManifestError, read_manifest
 
     if not (args.export_dir or args.run):
         log.error("pass --run <name> (or --export-dir)")

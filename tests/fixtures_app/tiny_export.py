@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobile_app.manifest import sha256_of
+from cellcore.files import sha256_of
 
 CLASSES = ["blast", "lymphocyte", "neutrophil"]
 SIZE = 32
