@@ -4,14 +4,16 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 DATA     ?= ../shared/data/pbc_dev
-RUN      ?= default
+RUN      ?=
 PRESET   ?=
 ARCH     ?=
 ARGS     ?=
-RUN_DIR  := runs/$(RUN)
+# every target but `app` uses runs/default when RUN is not given (`app` then opens the shipped model)
+RUN_NAME := $(or $(RUN),default)
+RUN_DIR  := runs/$(RUN_NAME)
 
 .PHONY: install train export verify evaluate app app-assets test test-slow bench bench-tables bench-train-speed \
-        bench-flops train-all finetune bench-finetune bench-robustness clean
+        bench-gpu bench-flops train-all finetune bench-finetune bench-robustness release-model clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -36,12 +38,19 @@ verify: install
 evaluate: install
 	$(PY) -m train.evaluate --run-dir $(RUN_DIR) $(if $(filter-out ../shared/data/pbc_dev,$(DATA)),--data $(DATA))
 
-# The desktop app with this run's model; app-assets copies model + manifest into mobile_app/assets/model/.
+# The desktop app: with RUN, that run's model; without, the model shipped in mobile_app/assets/model/.
+# app-assets copies a run's model + manifest into mobile_app/assets/model/.
 app: install
-	$(PY) -m mobile_app run --model-dir $(RUN_DIR)/export
+	$(PY) -m mobile_app run $(if $(RUN),--model-dir $(RUN_DIR)/export)
 
 app-assets: install
 	$(PY) -m mobile_app bundle --model-dir $(RUN_DIR)/export $(if $(FORMAT),--format $(FORMAT))
+
+# The app's shipped model (mobile_app/assets/model/): train the cpu preset into runs/release (resumes), export,
+# verify on the test split, bundle the smallest ONNX that passed + manifest + MODEL_CARD.md, and say whether
+# it equals the committed bundle.
+release-model: install
+	$(PY) -m export.release --data $(DATA) $(ARGS)
 
 test: install
 	$(PY) -m pytest -m "not slow" $(ARGS)
@@ -50,7 +59,7 @@ test-slow: install
 	$(PY) -m pytest -m slow $(ARGS)
 
 bench: install
-	$(PY) -m benchmarks.latency --run $(RUN) $(ARGS)
+	$(PY) -m benchmarks.latency --run $(RUN_NAME) $(ARGS)
 
 bench-tables: install
 	$(PY) -m benchmarks.paper_tables $(ARGS)
@@ -60,6 +69,11 @@ bench-flops: install
 
 bench-train-speed: install
 	$(PY) -m benchmarks.train_speed $(ARGS)
+
+# GPU training speed (issue 12): model step eager vs torch.compile, a few epochs of the paper preset end to end
+# -> runs/bench/gpu_train.{md,json}; ARGS="--mode augment" compares the paper preset's augmentations instead.
+bench-gpu: install
+	$(PY) -m benchmarks.gpu_train --data $(DATA) $(ARGS)
 
 train-all: install
 	$(PY) -m benchmarks.train_all --data $(DATA) $(if $(PRESET),--preset $(PRESET)) $(ARGS)

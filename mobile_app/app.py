@@ -20,6 +20,7 @@ def run_app(model_dir: Path, fmt: str | None = None, data_dir: Path | None = Non
     from mobile_app.runtimes import detect_platform
 
     if detect_platform() == "desktop":
+        preload_desktop_executorch(Path(model_dir), fmt)
         from kivy.config import Config
 
         Config.set("graphics", "width", str(DESKTOP_WINDOW[0]))
@@ -32,3 +33,23 @@ def run_app(model_dir: Path, fmt: str | None = None, data_dir: Path | None = Non
                             result_path=result, t0=t0)
     app.run()
     return app.exit_code
+
+
+def preload_desktop_executorch(model_dir: Path, fmt: str | None) -> None:
+    """Import ExecuTorch's desktop runtime (and with it torch) before Kivy opens its window, when that is what
+    will run the model: imported after the window exists, torch._dynamo crashes the process (segfault, seen
+    with the shipped .pte bundle under Xvfb). Phones run .pte files through executorch-android instead."""
+    from mobile_app.errors import ModelError
+    from mobile_app.manifest import load_manifest
+    from mobile_app.runtimes import PLATFORM_FORMATS
+
+    try:
+        chosen = load_manifest(model_dir).choose(PLATFORM_FORMATS["desktop"], fmt)
+    except ModelError:
+        return  # the UI will say what is wrong with the model
+    if chosen.format == "executorch":
+        try:
+            import executorch.runtime  # noqa: F401  (imported for its side effect: torch loaded early)
+            import torch._dynamo  # noqa: F401
+        except ImportError:
+            pass  # no ExecuTorch here: loading the model will say so on screen

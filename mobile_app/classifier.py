@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from cellcore import imaging
+from cellcore.preprocess import Box, box_from_bounds, square_bounds, suggest_box
 from cellcore.uncertainty import UncertaintyRule, rule_for
-from mobile_app import imaging
-from mobile_app.errors import InferenceError, RuntimeUnavailableError
+from mobile_app.errors import BoxError, InferenceError, RuntimeUnavailableError
 from mobile_app.manifest import Artifact, Manifest, load_manifest, verify_artifact
 from mobile_app.runtimes import PLATFORM_FORMATS, Runtime, create_runtime, detect_platform
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 UNCERTAIN_MESSAGE = "uncertain — review by a hematologist"
 TOP_K = 3
 
+# A square asked for in the original photo's pixels: (centre x, centre y, side), side None = suggested.
+PickRequest = tuple[float, float, "float | None"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,14 @@ class Prediction:
     inference_ms: float  # runtime.run only
     total_ms: float  # decode + preprocess + inference
     image_size: tuple[int, int]  # original (width, height)
-    crop_box: tuple[float, float, float, float]  # classified square, original pixel coordinates
+    crop_box: tuple[float, float, float, float]  # what the model saw (left, top, right, bottom), original pixels
     runtime: str
     model_file: str
     display: Any = field(default=None, repr=False, compare=False)  # small PIL RGB copy for the UI
     problems: tuple[str, ...] = ()  # cellcore.quality picture checks that failed (empty field, blurred, ...)
+    # the square the user picked (centre x, centre y, side; original pixels) as it was cut out, i.e. moved
+    # inside the photo; None: the whole photo went through the manifest's crop
+    box: Box | None = None
 
     @property
     def message(self) -> str:
@@ -55,6 +61,7 @@ class Prediction:
                 "message": self.message, "threshold": self.threshold, "problems": list(self.problems),
                 "inference_ms": round(self.inference_ms, 3), "total_ms": round(self.total_ms, 3),
                 "image_size": list(self.image_size), "crop_box": [round(v, 2) for v in self.crop_box],
+                "box": None if self.box is None else [round(v, 2) for v in self.box],
                 "runtime": self.runtime, "model_file": self.model_file}
 
 
@@ -73,6 +80,8 @@ class CellClassifier:
         self._bridge = bridge
         self._keep_display = keep_display
         self._lock = threading.Lock()
+        self._decode_lock = threading.Lock()
+        self._decoded: tuple[tuple, imaging.DecodedImage] | None = None  # the last photo: picks reuse it
         self._manifest: Manifest | None = None
         self._artifact: Artifact | None = None
         self._runtime: Runtime | None = None
@@ -152,24 +161,79 @@ class CellClassifier:
         """The uncertainty rule of the loaded model file, as export verification chose it."""
         return rule_for(self.manifest.raw, self._artifact.file if self._artifact is not None else None)
 
-    def classify(self, path: Path | str) -> Prediction:
-        """Decode, crop, resize, run, softmax: one photo -> Prediction."""
+    def classify(self, path: Path | str, box: PickRequest | None = None) -> Prediction:
+        """Decode, crop, resize, run, softmax: one photo -> Prediction.
+
+        Without `box` the whole photo goes through the manifest's preprocessing. With a box (centre x,
+        centre y, side in the original file's pixels; side None = suggest_box's) the square is cut out
+        of the photo (moved inside it where it runs off) and the cut-out goes through the very same
+        preprocessing as a whole photo would, so the model sees what training showed it.
+        """
         t0 = time.perf_counter()
         manifest = self.manifest
         self.load()  # model errors surface before the photo is even opened
-        decoded = imaging.decode(path)
+        decoded = self._decode(path)
         prep = manifest.preprocessing or imaging.Preprocessing(manifest.input_size)
-        x = imaging.to_input(decoded, prep)  # [1, 3, S, S] float32 in 0..1
+        if box is None:
+            image, ox, oy, picked = decoded.rgb, 0, 0, None
+        else:
+            bounds = self._pick_bounds(decoded, box)  # decoded pixels
+            image, (ox, oy) = decoded.rgb.crop(bounds), bounds[:2]  # where the cut-out sits in the photo
+            picked = box_from_bounds(decoded.to_original(bounds))
+        x = imaging.to_input(image, prep)  # [1, 3, S, S] float32 in 0..1
         probs, ms = self.probabilities(x)
         rule = self.rule
-        problems = tuple(rule.checks.problems(decoded.rgb))
+        problems = tuple(rule.checks.problems(image))
         order = np.argsort(-probs, kind="stable")
         top = [(manifest.classes[i], float(probs[i])) for i in order[:TOP_K]]
         label, p = top[0]
+        l, t, r, b = prep.box_for(image)  # the model's square inside what was classified
         assert self._artifact is not None and self._runtime is not None
         return Prediction(
             path=str(path), label=label, probability=p, top=top, probabilities=[float(v) for v in probs],
             uncertain=rule.uncertain(p, problems), threshold=rule.threshold, problems=problems, inference_ms=ms,
             total_ms=(time.perf_counter() - t0) * 1e3, image_size=decoded.original_size,
-            crop_box=decoded.to_original(prep.box_for(decoded.rgb)), runtime=self._runtime.name, model_file=self._artifact.file,
+            crop_box=decoded.to_original((l + ox, t + oy, r + ox, b + oy)), runtime=self._runtime.name,
+            model_file=self._artifact.file, box=picked,
             display=imaging.display_copy(decoded) if self._keep_display else None)
+
+    def suggest(self, path: Path | str, x: float, y: float) -> Box:
+        """The square a tap at (x, y) picks (cellcore.preprocess.suggest_box, moved inside the photo).
+
+        In and out in the original file's pixels; a huge photo is analysed at its decoded size.
+        """
+        decoded = self._decode(path)
+        return box_from_bounds(decoded.to_original(self._pick_bounds(decoded, (x, y, None))))
+
+    def _pick_bounds(self, decoded: imaging.DecodedImage, box: PickRequest) -> tuple[int, int, int, int]:
+        """A requested square (original pixels) -> the integer square to cut from `decoded.rgb`."""
+        w, h = decoded.original_size
+        try:
+            cx, cy = float(box[0]), float(box[1])
+            side = None if box[2] is None else float(box[2])
+        except (TypeError, ValueError, IndexError) as exc:
+            raise BoxError(f"a square is x,y or x,y,size in pixels, got {box!r}") from exc
+        if not (0 <= cx <= w and 0 <= cy <= h):  # also refuses nan
+            raise BoxError(f"the square's centre ({cx:g}, {cy:g}) is outside the {w}x{h} px photo")
+        if side is not None and not (side > 0 and np.isfinite(side)):
+            raise BoxError(f"the square's size must be a positive number of pixels, got {side:g}")
+        s = decoded.scale  # original -> decoded pixels (1 unless a huge photo was decoded downscaled)
+        wanted = suggest_box(decoded.rgb, cx * s, cy * s) if side is None else (cx * s, cy * s, side * s)
+        return square_bounds(wanted, *decoded.rgb.size)
+
+    def _decode(self, path: Path | str) -> imaging.DecodedImage:
+        """imaging.decode, reusing the last photo while its file is unchanged (picking cells decodes once)."""
+        path = Path(path)
+        try:
+            st = path.stat()
+            key: tuple | None = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None  # decode() says what is wrong with the path
+        with self._decode_lock:
+            if key is not None and self._decoded is not None and self._decoded[0] == key:
+                return self._decoded[1]
+        decoded = imaging.decode(path)
+        if key is not None:
+            with self._decode_lock:
+                self._decoded = (key, decoded)
+        return decoded

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from mobile_app.errors import AppError, BadImageError, InferenceError, ModelError
+from mobile_app.errors import USER_ERRORS, BadImageError, BoxError, InferenceError, ModelError, NoModelError
+from mobile_app.modelcard import MODEL_CARD_NAME, model_card
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,40 @@ def default_model_dir() -> Path:
     return Path(env) if env else ASSETS_MODEL_DIR
 
 
+def resolve_model_dir(model_dir: Path | None) -> Path:
+    """--model-dir when given (it always wins), else the default; a missing default says how to get a model."""
+    if model_dir is not None:
+        return model_dir
+    path = default_model_dir()
+    if not (path / "manifest.json").is_file():
+        where = "$CELLVIT_MODEL_DIR" if os.environ.get("CELLVIT_MODEL_DIR") else "the app's model bundle"
+        raise NoModelError(
+            f"no model: {where} {path} holds no manifest.json. The shipped model comes with the repository: "
+            f"restore it with `git checkout -- mobile_app/assets/model`, or rebuild it with `make release-model`; "
+            f"or use your own: "
+            f"`make train export RUN=NAME`, then `--model-dir runs/NAME/export` (`make app RUN=NAME`), or "
+            f"`python -m mobile_app bundle --model-dir runs/NAME/export` to make it the app's bundle.")
+    return path
+
+
+def parse_box(text: str) -> tuple[float, float, float | None]:
+    """--box x,y[,size] in the photo's pixels as stored -> (x, y, size or None for the suggested size)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values) or \
+            (len(values) == 3 and values[2] <= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give x,y or x,y,size in pixels of the photo as stored "
+                                         f"(size > 0; leave it out for the suggested one)")
+    return (values[0], values[1], values[2] if len(values) == 3 else None)
+
+
+def format_box(box: tuple[float, float, float]) -> str:
+    """(x, y, size) -> 'x,y,size' with whole pixels printed without decimals."""
+    return ",".join(f"{v:.1f}".removesuffix(".0") for v in box)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mobile_app",
                                 description="Blood / bone-marrow cell classifier (research use only).")
@@ -34,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=FORMAT_CHOICES, default=None,
                    help="model format (default: the best one this device runs)")
     c.add_argument("--json", action="store_true", help="print one JSON object per photo instead of text")
+    c.add_argument("--box", type=parse_box, default=None, metavar="X,Y[,SIZE]",
+                   help="classify the square centred at X,Y with side SIZE (pixels of the photo as stored) "
+                        "instead of the whole photo; without SIZE, as a tap in the app: the square centres "
+                        "on the stained cell nearest X,Y with the suggested size")
 
     r = sub.add_parser("run", help="start the app window (the default)")
     r.add_argument("--model-dir", type=Path, default=None, help="export folder with manifest.json")
@@ -45,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bundle", help="copy manifest + one verified model into the app's assets for a phone build")
     b.add_argument("--model-dir", type=Path, required=True, help="export folder with manifest.json")
     b.add_argument("--format", choices=FORMAT_CHOICES, default="onnx")
+    b.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="which file of the format (default: the most precise one exported)")
     b.add_argument("--dest", type=Path, default=ASSETS_MODEL_DIR,
                    help="the bundle folder: empty, new, or an earlier bundle (anything else is refused)")
     b.add_argument("--allow-unverified", action="store_true",
@@ -53,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expand(paths: list[Path]) -> list[Path]:
-    from mobile_app.imaging import list_images
+    from cellcore.imaging import list_images
 
     out: list[Path] = []
     for p in paths:
@@ -70,8 +112,8 @@ def _expand(paths: list[Path]) -> list[Path]:
 def cmd_classify(args: argparse.Namespace) -> int:
     from mobile_app.classifier import CellClassifier
 
-    clf = CellClassifier(args.model_dir or default_model_dir(), fmt=args.format)
     try:
+        clf = CellClassifier(resolve_model_dir(args.model_dir), fmt=args.format)
         clf.load()
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -83,8 +125,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         return 2
     for path in images:
         try:
-            pred = clf.classify(path)
-        except (BadImageError, InferenceError) as exc:
+            pred = clf.classify(path, box=args.box)
+        except (BadImageError, InferenceError, BoxError) as exc:
             failed += 1
             reason = exc.reason if isinstance(exc, BadImageError) else str(exc)
             if args.json:
@@ -96,6 +138,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(json.dumps({**pred.to_dict(), "provider": getattr(clf.load(), "provider", "")}), flush=True)
         else:
             line = f"{path}\t{pred.label}\t{pred.probability:.4f}"
+            if pred.box is not None:  # the square actually classified (moved inside the photo if needed)
+                line += f"\tbox {format_box(pred.box)}"
             print(line + (f"\t{pred.message}" if pred.uncertain else ""), flush=True)
     if failed:
         print(f"{failed} of {len(images)} image(s) could not be classified", file=sys.stderr)
@@ -105,7 +149,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from mobile_app.app import run_app
 
-    return run_app(model_dir=args.model_dir or default_model_dir(), fmt=args.format, data_dir=args.data_dir,
+    from mobile_app.runtimes import detect_platform
+
+    try:
+        model_dir = resolve_model_dir(args.model_dir)
+    except NoModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if detect_platform() == "desktop":  # before a window opens: the terminal is where `make app` is read
+            return 2
+        model_dir = default_model_dir()  # a phone has no terminal: the app opens and says it on screen
+    return run_app(model_dir=model_dir, fmt=args.format, data_dir=args.data_dir,
                    script=args.script, result=args.result)
 
 
@@ -115,7 +168,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
     try:
         manifest = load_manifest(args.model_dir)
-        artifact = manifest.choose((args.format,), args.format)
+        artifact = manifest.choose((args.format,), args.format, args.precision)
         src = verify_artifact(artifact)
         # refused here, on the desktop, rather than by the phone's runtime after a build and install
         readable = check_for_android(src, artifact.format)
@@ -143,9 +196,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     else:
         shutil.copy2(src, dest / artifact.file)
     shutil.copy2(manifest.path, dest / MANIFEST_NAME)
-    verify_artifact(load_manifest(dest).choose((args.format,), args.format))
+    (dest / MODEL_CARD_NAME).write_text(model_card(manifest.raw, artifact.file), encoding="utf-8")
+    verify_artifact(load_manifest(dest).choose((args.format,), args.format, args.precision))
     vendor_cellcore()
-    print(f"bundled {artifact.file} + {MANIFEST_NAME} into {dest}" + (f" ({readable})" if readable else ""))
+    print(f"bundled {artifact.file} + {MANIFEST_NAME} + {MODEL_CARD_NAME} into {dest}"
+          + (f" ({readable})" if readable else ""))
     return 0
 
 
@@ -163,7 +218,8 @@ def foreign_files(dest: Path) -> list[str]:
     if not names:
         return []
     try:
-        owned = {MANIFEST_NAME} | {a["file"] for a in json.loads((dest / MANIFEST_NAME).read_text())["artifacts"]}
+        owned = {MANIFEST_NAME, MODEL_CARD_NAME} | {a["file"] for a in
+                                                    json.loads((dest / MANIFEST_NAME).read_text())["artifacts"]}
     except (OSError, ValueError, KeyError, TypeError):
         return sorted(names)  # no readable manifest: not a bundle
     return sorted(names - owned)
@@ -196,6 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"classify": cmd_classify, "run": cmd_run, "bundle": cmd_bundle}
     try:
         return handlers[args.command](args)
-    except AppError as exc:  # anything the user can act on, never a traceback
+    except USER_ERRORS as exc:  # anything the user can act on, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

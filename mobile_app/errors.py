@@ -1,19 +1,16 @@
 """Exceptions whose message is written for the person using the app (shown as is in the UI and CLI)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 
 class AppError(Exception):
     """Base class: str(exc) is a complete sentence for the user."""
 
 
-class BadImageError(AppError):
-    """One photo that cannot be classified; carries the path and the reason."""
+# One photo that cannot be decoded: raised by the shared decoder (cellcore.imaging), so training and the
+# app report a bad file the same way. Its message, too, is written for the user.
+from cellcore.imaging import BadImageError  # noqa: E402
 
-    def __init__(self, path: Path | str, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{Path(path).name}: {reason}" if str(path) else reason)
+USER_ERRORS = (AppError, BadImageError)  # str(exc) is a sentence for the user: show it, no traceback
 
 
 class ModelError(AppError):
@@ -34,3 +31,11 @@ class RuntimeUnavailableError(ModelError):
 
 class InferenceError(AppError):
     """The runtime failed while running the model on one input."""
+
+
+class NoModelError(ManifestError):
+    """No model folder was given and the app's shipped model bundle is missing."""
+
+
+class BoxError(AppError):
+    """The square asked for does not fit the photo (its centre outside it, or a size that is not a number)."""

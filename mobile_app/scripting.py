@@ -10,6 +10,10 @@ A script is a list of steps, each {"do": ACTION, ...}:
   screen      name                show 'classify', 'count' or 'about'
   tap         text | prefix       press the visible, enabled button with that text (or text prefix), as a finger
   chooser     path, select        in the open file chooser, go to folder `path` and select files `select`
+  tap_photo   x, y                a finger taps the shown photo at (x, y), pixels of the photo as stored
+  drag_photo  x, y, to            a finger lands at (x, y) and slides to `to` [x, y] (photo pixels)
+  pinch_photo x, y, factor        two fingers around (x, y) spread (factor > 1) or close (< 1)
+  slide       value               a finger on the square-size slider at `value` (photo pixels)
   screenshot  path                save a PNG of the window
   record      name                store the app state under records[name] in the result
   quit                            stop (also implied at the end)
@@ -17,6 +21,7 @@ Each step may give "timeout" seconds (default 120).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -28,7 +33,7 @@ from kivy.clock import Clock
 log = logging.getLogger(__name__)
 
 ACTIONS = ("wait_model", "open", "count_add", "wait_idle", "correct", "export_csv", "screen", "tap", "chooser",
-           "screenshot", "record", "quit")
+           "tap_photo", "drag_photo", "pinch_photo", "slide", "screenshot", "record", "quit")
 
 
 class ScriptError(ValueError):
@@ -118,6 +123,10 @@ class ScriptRunner:
             return self._tap(step)
         if do == "chooser":
             return self._chooser(step)
+        if do in ("tap_photo", "drag_photo", "pinch_photo"):
+            return self._touch_photo(step)
+        if do == "slide":
+            return self._slide(float(step["value"]))
         if do == "screenshot":
             if self._frames < 6:  # let a few frames render the latest state
                 return False
@@ -160,6 +169,59 @@ class ScriptRunner:
                 return True
         return False
 
+    def _touch_photo(self, step: dict) -> bool:
+        """Fingers on the photo, through Kivy's input queue (as a screen's touches arrive), not method calls."""
+        app = self.app
+        if not app.photo_path:
+            return False  # no photo on screen yet
+        view = app.photo_view()
+        w, h = app.photo_size
+
+        def at(x: float, y: float) -> tuple[float, float]:  # photo pixels -> window pixels (origin bottom-left)
+            iw, ih = view.norm_image_size
+            return view.to_window(view.center_x - iw / 2 + x / w * iw, view.center_y - ih / 2 + (1 - y / h) * ih)
+
+        x, y = float(step["x"]), float(step["y"])
+        do = step["do"]
+        if do == "tap_photo":
+            finger = Finger(*at(x, y))
+            finger.down()
+            finger.up()
+        elif do == "drag_photo":
+            to = [float(v) for v in step["to"]]
+            finger = Finger(*at(x, y))
+            finger.down()
+            for k in range(1, 11):  # a finger slides through the move events a screen reports
+                finger.move(*at(x + (to[0] - x) * k / 10, y + (to[1] - y) * k / 10))
+            finger.up()
+        else:
+            factor, spread = float(step["factor"]), float(step.get("spread", 40))  # spread: window pixels
+            cx, cy = at(x, y)
+            left, right = Finger(cx - spread, cy), Finger(cx + spread, cy)
+            left.down()
+            right.down()
+            for k in range(1, 11):
+                d = spread * (1 + (factor - 1) * k / 10)
+                left.move(cx - d, cy)
+                right.move(cx + d, cy)
+            left.up()
+            right.up()
+        return True
+
+    def _slide(self, value: float) -> bool:
+        from mobile_app.ui import SideSlider
+
+        slider = next((w for w in self._widgets() if isinstance(w, SideSlider) and not w.disabled), None)
+        if slider is None or slider.max <= slider.min:
+            return False
+        pad = slider.padding  # where Slider.value_pos puts min and max
+        frac = (min(max(value, slider.min), slider.max) - slider.min) / (slider.max - slider.min)
+        x = slider.x + pad + frac * (slider.width - 2 * pad)
+        finger = Finger(*slider.to_window(x, slider.center_y))
+        finger.down()
+        finger.up()
+        return True
+
     def _end(self, ok: bool) -> bool:
         if self._event is not None:
             self._event.cancel()
@@ -168,3 +230,36 @@ class ScriptRunner:
         log.info("script finished: ok=%s %s", self.outcome["ok"], self.outcome["error"])
         self.app.finish_script(self.outcome)
         return False
+
+
+class Finger:
+    """One finger on the screen at window pixels, posted through Kivy's input queue like a real touch."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, x: float, y: float):
+        from kivy.base import EventLoop
+        from kivy.input.motionevent import MotionEvent
+
+        class _Touch(MotionEvent):
+            def depack(self, args: dict) -> None:
+                self.sx, self.sy = args["sx"], args["sy"]
+                self.profile = ["pos"]
+                super().depack(args)
+
+        self._loop = EventLoop
+        self._touch = _Touch("script", next(self._ids), self._where(x, y), is_touch=True, type_id="touch")
+
+    def _where(self, x: float, y: float) -> dict:
+        win = self._loop.window
+        return {"sx": x / (win.width - 1.0), "sy": y / (win.height - 1.0)}  # as the window's providers give them
+
+    def down(self) -> None:
+        self._loop.post_dispatch_input("begin", self._touch)
+
+    def move(self, x: float, y: float) -> None:
+        self._touch.move(self._where(x, y))
+        self._loop.post_dispatch_input("update", self._touch)
+
+    def up(self) -> None:
+        self._loop.post_dispatch_input("end", self._touch)

@@ -11,10 +11,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cellcore.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
-TALLY_VERSION = 1
+TALLY_VERSION = 1  # entries gained an optional "box" (older files have none and load as default crops)
 TALLY_NAME = "differential_count.json"
+CSV_COLUMNS = ("#", "file", "predicted", "probability", "uncertain", "label", "corrected", "time_utc",
+               "box_x", "box_y", "box_size")
 
 
 class TallyError(OSError):
@@ -32,31 +36,27 @@ class CountEntry:
     label: str  # the label that counts: the model's, or the hand correction
     corrected: bool = False
     time_utc: str = ""
+    # the square classified (centre x, centre y, side; pixels of the photo as stored), so the cell can be
+    # found again; None: the whole photo through the model's own crop
+    box: tuple[float, float, float] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> CountEntry:
+        box = d.get("box")
         return cls(file=str(d["file"]), predicted=str(d["predicted"]), probability=float(d["probability"]),
                    uncertain=bool(d.get("uncertain", False)), label=str(d.get("label", d["predicted"])),
-                   corrected=bool(d.get("corrected", False)), time_utc=str(d.get("time_utc", "")))
+                   corrected=bool(d.get("corrected", False)), time_utc=str(d.get("time_utc", "")),
+                   box=None if box is None else _box(box))
+
+
+def _box(values: object) -> tuple[float, float, float]:
+    """[x, y, size] from a saved count -> a box; anything else is a damaged entry (ValueError/TypeError)."""
+    x, y, size = (float(v) for v in values)  # type: ignore[union-attr]
+    return (x, y, size)
 
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class DifferentialCount:
@@ -71,10 +71,12 @@ class DifferentialCount:
 
     # ------------------------------------------------------------------ changes
 
-    def add(self, file: str, predicted: str, probability: float, uncertain: bool) -> CountEntry:
+    def add(self, file: str, predicted: str, probability: float, uncertain: bool,
+            box: tuple[float, float, float] | None = None) -> CountEntry:
         with self._lock:
             entry = CountEntry(file=str(file), predicted=predicted, probability=float(probability),
-                               uncertain=bool(uncertain), label=predicted, time_utc=_utc_now())
+                               uncertain=bool(uncertain), label=predicted, time_utc=_utc_now(),
+                               box=None if box is None else _box(box))
             self.entries.append(entry)
             self._changed()
             return entry
@@ -133,7 +135,7 @@ class DifferentialCount:
     def to_dict(self) -> dict:
         with self._lock:
             return {"version": TALLY_VERSION, "classes": self.classes, "saved_utc": _utc_now(),
-                    "entries": [asdict(e) for e in self.entries]}
+                    "entries": [asdict(e) for e in self.entries]}  # a box tuple is written as a JSON list
 
     def save(self) -> Path:
         if self.path is None:
@@ -178,10 +180,11 @@ class DifferentialCount:
             path = path.with_suffix(".csv")
         tally_path = path.with_name(f"{path.stem}_tally.csv")
         with self._lock:
-            header = ["#", "file", "predicted", "probability", "uncertain", "label", "corrected", "time_utc"]
-            rows: list[list[object]] = [list(header)]
+            rows: list[list[object]] = [list(CSV_COLUMNS)]
             rows += [[i + 1, e.file, e.predicted, f"{e.probability:.4f}", "yes" if e.uncertain else "no",
-                      e.label, "yes" if e.corrected else "no", e.time_utc] for i, e in enumerate(self.entries)]
+                      e.label, "yes" if e.corrected else "no", e.time_utc,
+                      *(["", "", ""] if e.box is None else [_num(v) for v in e.box])]
+                     for i, e in enumerate(self.entries)]
             counts, pct = self.counts(), self.percentages()
             tally: list[list[object]] = [["class", "count", "percent"]]
             tally += [[k, counts[k], f"{pct[k]:.1f}"] for k in counts]
@@ -189,6 +192,33 @@ class DifferentialCount:
         for target, table in ((path, rows), (tally_path, tally)):
             atomic_write_text(target, _csv_text(table))
         return path, tally_path
+
+
+def read_csv(path: Path | str) -> list[CountEntry]:
+    """The per-image rows of an exported count, to check its results later.
+
+    CSVs written before the box columns existed load with box None (the default crop), as do rows
+    whose box cells are empty. A row that cannot be read raises ValueError naming its line.
+    """
+    path = Path(path)
+    entries = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                cells = [row.get(k) or "" for k in ("box_x", "box_y", "box_size")]
+                entries.append(CountEntry(
+                    file=row["file"], predicted=row["predicted"], probability=float(row["probability"]),
+                    uncertain=row.get("uncertain") == "yes", label=row.get("label") or row["predicted"],
+                    corrected=row.get("corrected") == "yes", time_utc=row.get("time_utc") or "",
+                    box=_box(cells) if all(cells) else None))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path.name} line {len(entries) + 2}: not a count row ({exc})") from exc
+    return entries
+
+
+def _num(v: float) -> str:
+    """A pixel coordinate for the CSV: whole pixels without decimals, else one decimal."""
+    return f"{v:.1f}".removesuffix(".0")
 
 
 def _csv_text(rows: list[list[object]]) -> str:

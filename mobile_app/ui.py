@@ -23,10 +23,13 @@ from kivy.uix.button import Button
 from kivy.uix.image import Image as KivyImage
 from kivy.uix.popup import Popup
 from kivy.uix.screenmanager import Screen
+from kivy.uix.slider import Slider
 
-from mobile_app import __version__, imaging, phone
+from cellcore import imaging
+from cellcore.preprocess import Box, box_from_bounds, square_bounds
+from mobile_app import __version__, phone
 from mobile_app.classifier import UNCERTAIN_MESSAGE, CellClassifier, Prediction
-from mobile_app.errors import AppError, BadImageError, ModelError, RuntimeUnavailableError
+from mobile_app.errors import USER_ERRORS, BadImageError, ModelError, RuntimeUnavailableError
 from mobile_app.runtimes import JavaClasses, detect_platform, resolve_java_classes
 from mobile_app.tally import TALLY_NAME, DifferentialCount, TallyError
 
@@ -38,10 +41,129 @@ CHOOSER_FILTERS = [f"*{e}" for e in imaging.IMAGE_EXTS] + [f"*{e.upper()}" for e
 # ----------------------------------------------------------------------------- widgets (layout in the .kv)
 
 class PhotoView(KivyImage):
-    """The photo, with the classified square drawn on it (crop = left, top, right, bottom as fractions)."""
+    """The photo with the classified square (green) and the square the user picks (cyan) drawn on it.
+
+    Squares are (left, top, right, bottom) as fractions of the photo. A finger that lands and lifts
+    without moving fires on_pick (a tap: the square goes to that cell). A moving finger or two fingers
+    fire on_gesture_start, then on_drag with the finger's way since then (photo fractions: the square
+    follows it) or on_pinch with the fingers' distance over theirs then (the square grows or shrinks
+    by it); a mouse wheel pinches by 10% a notch. Totals since the start, not steps, so the square's
+    whole-pixel rounding never adds up over a gesture.
+    """
 
     crop = ListProperty([0.0, 0.0, 1.0, 1.0])
     show_crop = BooleanProperty(False)
+    pick = ListProperty([0.0, 0.0, 0.0, 0.0])
+    show_pick = BooleanProperty(False)
+    __events__ = ("on_pick", "on_gesture_start", "on_drag", "on_pinch")
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._fingers: dict[int, tuple[float, float]] = {}  # touch uid -> position now (parent's coordinates)
+        self._anchor: dict[int, tuple[float, float]] = {}  # ... when the set of fingers last changed
+        self._gesture = False  # since the first finger landed they moved or pinched: not a tap
+        self._started = False  # on_gesture_start sent for the current set of fingers
+
+    def on_pick(self, fx: float, fy: float) -> None:
+        pass
+
+    def on_gesture_start(self) -> None:
+        pass
+
+    def on_drag(self, dfx: float, dfy: float) -> None:
+        pass
+
+    def on_pinch(self, factor: float) -> None:
+        pass
+
+    def photo_fraction(self, x: float, y: float) -> tuple[float, float] | None:
+        """A point in the parent's coordinates -> (x, y) as fractions of the photo from its top-left, or None."""
+        iw, ih = self.norm_image_size
+        if self.texture is None or iw <= 0 or ih <= 0:
+            return None
+        fx, fy = (x - (self.center_x - iw / 2)) / iw, 1 - (y - (self.center_y - ih / 2)) / ih
+        return (fx, fy) if 0 <= fx <= 1 and 0 <= fy <= 1 else None
+
+    def window_rect(self, frac: Sequence[float]) -> tuple[float, float, float, float]:
+        """A square in photo fractions -> (left, top, right, bottom) in window pixels from the top-left."""
+        iw, ih = self.norm_image_size
+        x0, y0 = self.to_window(self.center_x - iw / 2 + frac[0] * iw, self.center_y - ih / 2 + (1 - frac[3]) * ih)
+        x1, y1 = self.to_window(self.center_x - iw / 2 + frac[2] * iw, self.center_y - ih / 2 + (1 - frac[1]) * ih)
+        return (x0, Window.height - y1, x1, Window.height - y0)
+
+    def _regroup(self) -> None:
+        """Fingers landed or lifted: later moves count from where every finger is now."""
+        self._anchor, self._started = dict(self._fingers), False
+
+    def on_touch_down(self, touch: Any) -> bool:
+        if not self.collide_point(*touch.pos) or self.photo_fraction(*touch.pos) is None:
+            return super().on_touch_down(touch)
+        if touch.is_mouse_scrolling:
+            self.dispatch("on_gesture_start")
+            self.dispatch("on_pinch", 1.1 if touch.button == "scrollup" else 1 / 1.1)
+            return True
+        touch.grab(self)
+        self._gesture = bool(self._fingers)  # a second finger: a pinch, never a tap
+        self._fingers[touch.uid] = touch.pos
+        self._regroup()
+        return True
+
+    def on_touch_move(self, touch: Any) -> bool:
+        if touch.grab_current is not self:
+            return super().on_touch_move(touch)
+        iw, ih = self.norm_image_size
+        if touch.uid not in self._fingers or iw <= 0 or ih <= 0:
+            return True
+        self._fingers[touch.uid] = touch.pos
+        first, *rest = self._anchor
+        if not rest and not self._gesture and math.dist(touch.pos, self._anchor[first]) <= dp(8):
+            return True  # a shaky tap is still a tap
+        self._gesture = True
+        if not self._started:
+            self._started = True
+            self.dispatch("on_gesture_start")
+        if rest:
+            before = math.dist(self._anchor[first], self._anchor[rest[0]])
+            if before > 1:
+                self.dispatch("on_pinch", math.dist(self._fingers[first], self._fingers[rest[0]]) / before)
+        else:
+            (x0, y0), (x1, y1) = self._anchor[first], self._fingers[first]
+            self.dispatch("on_drag", (x1 - x0) / iw, -(y1 - y0) / ih)
+        return True
+
+    def on_touch_up(self, touch: Any) -> bool:
+        if touch.grab_current is not self:
+            return super().on_touch_up(touch)
+        touch.ungrab(self)
+        self._fingers.pop(touch.uid, None)
+        self._regroup()
+        if not self._fingers and not self._gesture:
+            frac = self.photo_fraction(*touch.pos)
+            if frac is not None:
+                self.dispatch("on_pick", *frac)
+        return True
+
+
+class SideSlider(Slider):
+    """The picked square's side. on_user_value fires only for a finger on the slider: the app also moves
+    `value` (a new suggestion), which must not count as the user choosing a size."""
+
+    __events__ = ("on_user_value",)
+
+    def on_user_value(self, value: float) -> None:
+        pass
+
+    def on_touch_down(self, touch: Any) -> bool:
+        handled = bool(super().on_touch_down(touch))  # True only for a touch on this (enabled) slider
+        if handled:
+            self.dispatch("on_user_value", self.value)
+        return handled
+
+    def on_touch_move(self, touch: Any) -> bool:
+        handled = bool(super().on_touch_move(touch))
+        if touch.grab_current is self:
+            self.dispatch("on_user_value", self.value)
+        return handled
 
 
 class ProbBar(BoxLayout):
@@ -143,6 +265,14 @@ class CellClassifierApp(App):
     photo_name = StringProperty("")
     photo_texture = ObjectProperty(None, allownone=True)
     photo_crop = ListProperty([0.0, 0.0, 1.0, 1.0])
+    photo_path = StringProperty("")  # the photo on screen (the one a picked square belongs to)
+    photo_size = ListProperty([0, 0])  # its (width, height) as stored
+    pick_box = ListProperty([])  # the picked square (centre x, centre y, side) in the photo's pixels; [] = none
+    pick_frac = ListProperty([0.0, 0.0, 0.0, 0.0])  # the same square as fractions, for drawing
+    pick_side = NumericProperty(0.0)
+    pick_side_min = NumericProperty(float(imaging.MIN_SIDE))
+    pick_side_max = NumericProperty(1.0)
+    pick_locked = BooleanProperty(False)  # the user sized the square: later taps on this photo keep the size
     result_label = StringProperty("")
     result_probability = NumericProperty(0.0)
     result_uncertain = BooleanProperty(False)
@@ -178,6 +308,7 @@ class CellClassifierApp(App):
         self.exit_code = 0
         self._last_folder = str(Path.home())
         self._script_runner: Any = None
+        self._gesture_base: Box | None = None  # the picked square when the current drag or pinch started
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -288,7 +419,7 @@ class CellClassifierApp(App):
         if exc is None:
             on_done(future.result())
             return
-        if not isinstance(exc, AppError):  # a bug: keep the app alive and say so
+        if not isinstance(exc, USER_ERRORS):  # a bug: keep the app alive and say so
             log.error("unexpected error on the worker thread", exc_info=exc)
         on_error(exc)
 
@@ -360,6 +491,91 @@ class CellClassifierApp(App):
         w, h = pred.image_size
         left, top, right, bottom = pred.crop_box
         self.photo_crop = [left / w, top / h, right / w, bottom / h]
+        if pred.path != self.photo_path or list(pred.image_size) != list(self.photo_size):
+            self.photo_path, self.photo_size = pred.path, [w, h]
+            self.pick_side_max = float(min(w, h))
+            self.pick_side_min = float(min(imaging.MIN_SIDE, min(w, h)))
+            self._clear_pick()
+        if pred.box is not None:  # exactly the square that was classified (moved inside the photo)
+            self._set_pick(pred.box, exact=True)
+
+    # ------------------------------------------------------------------ picking one cell of a photo
+
+    def pick_at(self, fx: float, fy: float) -> None:
+        """A tap on the photo at (fx, fy) (fractions from its top-left): the square goes to the cell there.
+
+        The suggestion (cellcore.preprocess.suggest_box, through the classifier, as `classify --box x,y`)
+        is computed on the worker thread; a size the user set on this photo is kept.
+        """
+        if not self.photo_path:
+            return
+        w, h = self.photo_size
+        x, y = min(max(fx, 0.0), 1.0) * w, min(max(fy, 0.0), 1.0) * h
+        self._submit(self.classifier.suggest, self._pick_suggested, self._pick_failed, self.photo_path, x, y)
+
+    def _pick_suggested(self, box: Box) -> None:
+        if self.pick_locked and self.pick_box:
+            box = (box[0], box[1], float(self.pick_side))
+        self._set_pick(box)
+        self.set_status(f"Square at {box[0]:.0f}, {box[1]:.0f}, side {self.pick_side:.0f} px: "
+                        f"tap Classify square (drag, pinch or the slider to adjust)")
+
+    def _pick_failed(self, exc: BaseException) -> None:
+        reason = exc.reason if isinstance(exc, BadImageError) else str(exc)
+        self.set_status(f"Cannot pick a square: {reason}", "error")
+
+    def begin_gesture(self) -> None:
+        """A drag or pinch starts: it moves or sizes the square as it is now."""
+        self._gesture_base = tuple(self.pick_box) if self.pick_box else None
+
+    def drag_pick(self, dfx: float, dfy: float) -> None:
+        """Move the square by the finger's way since the gesture started (photo fractions)."""
+        base = self._gesture_base
+        if base is not None and self.pick_box:
+            w, h = self.photo_size
+            self._set_pick((base[0] + dfx * w, base[1] + dfy * h, base[2]))
+
+    def scale_pick(self, factor: float) -> None:
+        """Pinch or mouse wheel: the side the square had when the gesture started, times `factor`."""
+        base = self._gesture_base
+        if base is not None and self.pick_box and factor > 0:
+            self.pick_locked = True
+            self._set_pick((self.pick_box[0], self.pick_box[1], base[2] * factor))
+
+    def resize_pick(self, side: float) -> None:
+        """The user chose a side on the slider: it stays for later taps on this photo (as a pinched one does)."""
+        if self.pick_box:
+            self.pick_locked = True
+            self._set_pick((self.pick_box[0], self.pick_box[1], float(side)))
+
+    def classify_pick(self) -> None:
+        """Classify what the picked square holds (the manifest's preprocessing applied to the cut-out)."""
+        if not self.pick_box or not self.photo_path:
+            self.set_status("Tap a cell in the photo first", "warning")
+            return
+        if self.model_state == "error":
+            self.set_status(f"Cannot classify. Model problem: {self.model_error}", "error")
+            return
+        path = Path(self.photo_path)
+        box = tuple(self.pick_box)
+        self.set_status(f"Classifying the square in {path.name}…")
+        self._submit(partial(self.classifier.classify, box=box), self._show_prediction,
+                     partial(self._photo_failed, path), path)
+
+    def _set_pick(self, box: Box, exact: bool = False) -> None:
+        """Show a square (photo pixels); unless `exact`, moved inside the photo as the classifier will move it."""
+        w, h = self.photo_size
+        if not (w and h):
+            return
+        bounds = (box[0] - box[2] / 2, box[1] - box[2] / 2, box[0] + box[2] / 2, box[1] + box[2] / 2) if exact \
+            else square_bounds(box, w, h)
+        cx, cy, side = box_from_bounds(bounds)
+        self.pick_box = [cx, cy, side]
+        self.pick_side = side
+        self.pick_frac = [bounds[0] / w, bounds[1] / h, bounds[2] / w, bounds[3] / h]
+
+    def _clear_pick(self) -> None:
+        self.pick_box, self.pick_frac, self.pick_side, self.pick_locked = [], [0.0, 0.0, 0.0, 0.0], 0.0, False
 
     def _photo_failed(self, path: Path, exc: BaseException) -> None:
         if isinstance(exc, ModelError):
@@ -367,7 +583,8 @@ class CellClassifierApp(App):
             return
         self.result_label, self.result_message, self.result_info = "", "", ""
         self.top_labels, self.top_values = ["", "", ""], [0.0, 0.0, 0.0]
-        self.photo_texture = None
+        self.photo_texture, self.photo_path = None, ""
+        self._clear_pick()
         reason = exc.reason if isinstance(exc, BadImageError) else str(exc)
         self.set_status(f"{path.name}: {reason}", "error")
 
@@ -417,7 +634,7 @@ class CellClassifierApp(App):
     def _add_to_tally(self, pred: Prediction) -> None:
         assert self.tally is not None
         try:
-            self.tally.add(pred.path, pred.label, pred.probability, pred.uncertain)
+            self.tally.add(pred.path, pred.label, pred.probability, pred.uncertain, pred.box)
         except TallyError as exc:
             self.set_status(f"Count NOT saved: {exc}", "error")
         self._refresh_tally()
@@ -494,7 +711,9 @@ class CellClassifierApp(App):
         for i, e in enumerate(t.entries):
             mark = f"{e.label}  (model: {e.predicted} {e.probability:.0%})" if e.corrected else \
                 f"{e.label}  {e.probability:.0%}{'  uncertain' if e.uncertain else ''}"
-            rows.append({"text": f"#{i + 1}  {Path(e.file).name}:  {mark}", "index": i, "corrected": e.corrected})
+            where = f" @{e.box[0]:.0f},{e.box[1]:.0f}" if e.box else ""  # which cell of the photo
+            rows.append({"text": f"#{i + 1}  {Path(e.file).name}{where}:  {mark}", "index": i,
+                         "corrected": e.corrected})
         self.entry_rows = list(reversed(rows))  # newest on top
 
     def open_correction(self, index: int) -> None:
@@ -599,18 +818,19 @@ class CellClassifierApp(App):
                  f"images" + (f", fingerprint {str(ds.get('fingerprint'))[:12]}" if ds.get("fingerprint") else "")]
         if counts:
             lines.append("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        lines += ["", "[b]Measured accuracy[/b]"]
+        lines += ["", "[b]Measured accuracy[/b] (each number says which images it was measured on)"]
         if train:
-            lines.append(f"  validation (PyTorch): accuracy {_pct(train.get('val_acc'))}, "
-                         f"macro-F1 {_pct(train.get('val_macro_f1'))}")
+            lines.append(f"  PyTorch on the validation split that chose this model (optimistic): accuracy "
+                         f"{_pct(train.get('val_acc'))}, macro-F1 {_pct(train.get('val_macro_f1'))}")
         formats = {a.file: a for a in m.artifacts}
         if not verify:
             lines.append("  exported formats: not verified yet (run export verification)")
-        for file, v in verify.items():
-            a = formats.get(file)
-            kind = f"{a.format} {a.precision}" if a else file
-            lines.append(f"  {kind}: accuracy {_pct(v.get('accuracy'))}, macro-F1 {_pct(v.get('macro_f1'))}, "
-                         f"agreement with PyTorch {_pct(v.get('agreement'))}")
+        else:
+            lines.append(f"  on {_data_name(metrics.get('verify_source'))}:")
+            lines += _verify_lines(verify, formats)
+        for name, other in (metrics.get("verify_other") or {}).items():
+            lines.append(f"  on {name} ({_data_name(other)}):")
+            lines += _verify_lines(other.get("results") or {}, formats)
         lines += ["", "[b]Uncertainty[/b]: " + uncertainty_text(self.classifier.rule)]
         if unc.get("val_accuracy_at_or_above") is not None:
             lines.append(f"  at or above it: validation accuracy {_pct(unc.get('val_accuracy_at_or_above'))} on "
@@ -635,11 +855,27 @@ class CellClassifierApp(App):
             "message": self.result_message, "top": [[c, round(float(p), 6)] for c, p in
                                                      zip(self.top_labels, self.top_values) if c],
             "info": self.result_info, "crop": list(self.photo_crop),
+            "photo_size": list(self.photo_size), "box": list(self.pick_box), "box_locked": self.pick_locked,
+            "box_on_screen": self._on_screen(self.pick_frac) if self.pick_box else [],
+            "crop_on_screen": self._on_screen(self.photo_crop) if self.photo_texture is not None else [],
+            "photo_on_screen": self._on_screen((0.0, 0.0, 1.0, 1.0)) if self.photo_texture is not None else [],
+            "prediction_box": list(self.last_prediction.box) if self.last_prediction and
+            self.last_prediction.box else None,
             "count_total": self.count_total, "counts": t.counts() if t else {},
-            "entries": [{"file": e.file, "predicted": e.predicted, "label": e.label, "corrected": e.corrected}
+            "entries": [{"file": e.file, "predicted": e.predicted, "label": e.label, "corrected": e.corrected,
+                         "box": None if e.box is None else list(e.box)}
                         for e in (t.entries if t else [])],
             "about": self.about_text, "timing": dict(self.timing),
         }
+
+    def photo_view(self) -> PhotoView:
+        return self.root.ids.sm.get_screen("classify").ids.photo
+
+    def _on_screen(self, frac: Sequence[float]) -> list[float]:
+        """A square in photo fractions -> where it is drawn: (left, top, right, bottom) in screenshot pixels."""
+        if self.root is None:  # not built (tests that drive the app without a window)
+            return []
+        return [round(v, 1) for v in self.photo_view().window_rect(frac)]
 
     def show(self, screen: str) -> None:
         self.root.ids.sm.current = screen
@@ -656,6 +892,30 @@ class CellClassifierApp(App):
             Path(self._result_path).write_text(json.dumps(outcome, indent=1))
         self.exit_code = 0 if outcome.get("ok") else 1
         self.stop()
+
+
+def _data_name(about: dict | None) -> str:
+    """A verify record's source in words: which images, how many, and the data's fingerprint."""
+    if not about:
+        return "unrecorded images"
+    src = str(about.get("source", "?"))
+    kind = ("the held-out test split" if " test split" in src else
+            "the validation split (chose the model: optimistic)" if "validation split" in src else Path(src).name)
+    fp = str(about.get("fingerprint") or "")[:12]
+    return f"{kind}, {about.get('images', '?')} images" + (f", fingerprint {fp}" if fp else "")
+
+
+def _verify_lines(results: dict, formats: dict) -> list[str]:
+    lines = []
+    for file, v in results.items():
+        a = formats.get(file)
+        kind = f"{a.format} {a.precision}" if a else file
+        ci = v.get("accuracy_ci95")
+        ci_s = f" (95% CI {_pct(ci[0])}-{_pct(ci[1])})" if ci else ""
+        lines.append(f"    {kind}: accuracy {_pct(v.get('accuracy'))}{ci_s}, macro-F1 {_pct(v.get('macro_f1'))}, "
+                     f"agreement with PyTorch {_pct(v.get('agreement'))}"
+                     + (f" · verify {v['status']}" if v.get("status") in ("PASS", "FAILED") else ""))
+    return lines
 
 
 def _pct(v: Any) -> str:

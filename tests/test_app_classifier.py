@@ -88,10 +88,15 @@ def test_bundle_copies_one_verified_model(smoke_export: Path, tmp_path: Path,
     # the smoke export is not verified (its tiny model would fail gates by chance): say so explicitly
     args = ["bundle", "--model-dir", str(smoke_export), "--dest", str(dest), "--allow-unverified"]
     assert cli.main([*args, "--format", "executorch"]) == 0  # an earlier bundle ...
-    assert cli.main([*args, "--format", "onnx"]) == 0  # ... is replaced whole
-    assert sorted(p.suffix for p in dest.iterdir()) == [".json", ".onnx"]
+    assert cli.main([*args, "--format", "onnx", "--precision", "int8"]) == 0  # ... is replaced whole
+    assert sorted(p.name for p in dest.iterdir()) == ["MODEL_CARD.md", "manifest.json", "mobilevit_xxs_onnx_int8.onnx"]
     clf = CellClassifier(dest, platform="desktop")  # the bundled folder works on its own
-    assert clf.load().name == "onnxruntime"
+    assert clf.load().name == "onnxruntime" and clf.artifact.file == "mobilevit_xxs_onnx_int8.onnx"
+    card = (dest / "MODEL_CARD.md").read_text()
+    m = json.loads((dest / "manifest.json").read_text())
+    assert card.startswith("# Model card: mobilevit_xxs_onnx_int8.onnx") and m["notice"] in card
+    assert m["dataset"]["fingerprint"][:16] in card and "## Training data and licence" in card
+    assert "nothing here ran on a real phone" in card and "| this file |" in card
 
 
 @pytest.mark.parametrize("case", ["foreign folder", "unverified"])

@@ -115,3 +115,56 @@ def test_default_data_dir_honours_env(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert tally_mod.default_data_dir() == tmp_path / "xdg" / "cellvit"
     assert os.environ.get("CELLVIT_DATA_DIR") is None
+
+
+# ----------------------------------------------------------------------------- the picked square of each cell
+
+OLD_CSV_HEADER = "#,file,predicted,probability,uncertain,label,corrected,time_utc\n"  # before box columns existed
+
+
+def test_csv_round_trip_keeps_each_cells_square(tmp_path: Path) -> None:
+    t = DifferentialCount(CLASSES, tmp_path / TALLY_NAME)
+    t.add("field.jpg", "lymphocyte", 0.91, False, box=(260, 241.5, 360))
+    t.add("field.jpg", "neutrophil", 0.55, True, box=(880.25, 301.75, 345.5))
+    t.add("single.jpg", "basophil", 0.88, False)  # the default crop: no square
+    t.correct(1, "eosinophil")
+    images, _ = t.export_csv(tmp_path / "count.csv")
+    rows = list(csv.DictReader(images.open()))
+    assert list(rows[0]) == list(tally_mod.CSV_COLUMNS)
+    assert [(r["box_x"], r["box_y"], r["box_size"]) for r in rows] == \
+        [("260", "241.5", "360"), ("880.2", "301.8", "345.5"), ("", "", "")]
+    back = tally_mod.read_csv(images)
+    assert [e.box for e in back] == [(260.0, 241.5, 360.0), (880.2, 301.8, 345.5), None]
+    assert [(e.file, e.predicted, e.label, e.corrected, e.uncertain, e.time_utc) for e in back] == \
+        [(e.file, e.predicted, e.label, e.corrected, e.uncertain, e.time_utc) for e in t.entries]
+    assert [e.probability for e in back] == pytest.approx([0.91, 0.55, 0.88])
+    restored = DifferentialCount.restore(tmp_path / TALLY_NAME, CLASSES)  # and the saved count keeps them too
+    assert [e.box for e in restored.entries] == [(260.0, 241.5, 360.0), (880.25, 301.75, 345.5), None]
+
+
+@pytest.mark.parametrize("header,row", [
+    (OLD_CSV_HEADER, "1,a.jpg,neutrophil,0.9700,no,neutrophil,no,2026-01-02T03:04:05Z\n"),
+    (",".join(tally_mod.CSV_COLUMNS) + "\n", "1,a.jpg,neutrophil,0.9700,no,neutrophil,no,2026-01-02T03:04:05Z,,,\n"),
+], ids=["old columns", "empty box cells"])
+def test_a_csv_without_squares_loads_as_default_crops(header: str, row: str, tmp_path: Path) -> None:
+    path = tmp_path / "old.csv"
+    path.write_text(header + row)
+    (entry,) = tally_mod.read_csv(path)
+    assert entry.box is None and entry.file == "a.jpg" and entry.label == "neutrophil" and not entry.uncertain
+    assert entry.probability == pytest.approx(0.97) and entry.time_utc == "2026-01-02T03:04:05Z"
+
+
+def test_a_saved_count_from_before_squares_loads(tmp_path: Path) -> None:
+    path = tmp_path / TALLY_NAME
+    path.write_text(json.dumps({"version": 1, "classes": CLASSES, "entries": [
+        {"file": "a.jpg", "predicted": "basophil", "probability": 0.9, "uncertain": False, "label": "basophil",
+         "corrected": False, "time_utc": ""}]}))
+    t = DifferentialCount.restore(path, CLASSES)
+    assert not t.notice and len(t) == 1 and t.entries[0].box is None
+
+
+def test_a_damaged_csv_row_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(OLD_CSV_HEADER + "1,a.jpg,neutrophil,0.97,no,neutrophil,no,\n2,b.jpg,neutrophil,lots,no,,no,\n")
+    with pytest.raises(ValueError, match="bad.csv line 3"):
+        tally_mod.read_csv(path)

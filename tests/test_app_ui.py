@@ -1,4 +1,5 @@
-"""The real Kivy app under Xvfb, driven by a step script in a subprocess: classify, count, restart, bad model."""
+"""The real Kivy app under Xvfb, driven by a step script in a subprocess: classify, count, restart, bad model, and
+picking cells in a field by touch."""
 from __future__ import annotations
 
 import csv
@@ -33,13 +34,17 @@ def display_prefix() -> list[str]:
     pytest.skip("no X display and no xvfb-run (apt-get install -y xvfb)")
 
 
-def run_app(model_dir: Path, steps: list[dict], work: Path, data_dir: Path, name: str) -> dict:
-    """Start `python -m mobile_app run` with a script; return its result JSON (fails with the app's log)."""
+def run_app(model_dir: Path | None, steps: list[dict], work: Path, data_dir: Path, name: str,
+            env: dict[str, str] | None = None) -> dict:
+    """Start `python -m mobile_app run` with a script; return its result JSON (fails with the app's log).
+
+    model_dir None: no --model-dir, so the app opens its default model ($CELLVIT_MODEL_DIR, via `env`)."""
     script, result = work / f"{name}_steps.json", work / f"{name}_result.json"
     script.write_text(json.dumps(steps))
     env = {**os.environ, "CELLVIT_DATA_DIR": str(data_dir), "KIVY_HOME": str(work / "kivy_home"),
-           "KIVY_NO_ARGS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [*display_prefix(), sys.executable, "-m", "mobile_app", "run", "--model-dir", str(model_dir),
+           "KIVY_NO_ARGS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [*display_prefix(), sys.executable, "-m", "mobile_app", "run",
+           *(["--model-dir", str(model_dir)] if model_dir is not None else []),
            "--script", str(script), "--result", str(result)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     log = (proc.stdout + proc.stderr)[-6000:]
@@ -147,3 +152,143 @@ def test_differential_count_survives_restart_and_bad_model(smoke_export: Path, p
     assert "does not match the manifest" in state["status"] and "does not match" in state["model_error"]
     assert state["count_total"] == 3 and state["entries"] == counted["entries"]  # never lost
     assert json.loads((data / "differential_count.json").read_text())["entries"][0]["label"] == "monocyte"
+
+
+# ----------------------------------------------------------------------------- picking cells in a field
+
+PICK_CYAN = (38, 204, 255)  # PhotoView's picked square, C_PICK (0.15, 0.80, 1.0)
+
+
+def outline_share(png: Path, rect: list[float], rgb: tuple[int, int, int], outset: float, tol: int = 40) -> float:
+    """Share of the points along a rectangle's outline (window pixels, top-left origin, `outset` outside it)
+    that have this colour: 1.0 when the square is drawn exactly there."""
+    a = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    l, t, r, b = rect[0] - outset, rect[1] - outset, rect[2] + outset, rect[3] + outset
+    pts = [(x, y) for x in np.linspace(l + 4, r - 4, 40) for y in (t, b)] + \
+          [(x, y) for y in np.linspace(t + 4, b - 4, 40) for x in (l, r)]
+    hits = 0
+    for x, y in pts:  # the 1.5 px line may fall either side of a rounded coordinate
+        patch = a[int(round(y)) - 1:int(round(y)) + 2, int(round(x)) - 1:int(round(x)) + 2]
+        hits += bool((np.abs(patch - np.array(rgb)).max(axis=2) <= tol).any())
+    return hits / len(pts)
+
+
+def colour_inside(png: Path, region: list[float], rect: list[float], rgb: tuple[int, int, int], margin: float,
+                  tol: int = 40) -> tuple[int, float]:
+    """(how many pixels of `region` have this colour, the share of them within `rect` grown by `margin`)."""
+    a = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    ys, xs = np.nonzero(np.abs(a - np.array(rgb)).max(axis=2) <= tol)
+    keep = (xs >= region[0]) & (xs < region[2]) & (ys >= region[1]) & (ys < region[3])
+    xs, ys = xs[keep], ys[keep]
+    inside = (xs >= rect[0] - margin) & (xs <= rect[2] + margin) & (ys >= rect[1] - margin) & (ys <= rect[3] + margin)
+    return len(xs), float(inside.mean()) if len(xs) else 0.0
+
+
+def test_pick_cells_in_a_field_by_touch(pbc_dev: Path, work: Path, tmp_path: Path) -> None:
+    """A field of three real cells: a finger taps each, the (cyan) square goes to that cell with the size the
+    headless `classify --box x,y` picks; the slider and a pinch size it, a drag moves it, and "Classify square"
+    classifies exactly it; the count and its CSV keep the square. The app opens the default model (no
+    --model-dir; $CELLVIT_MODEL_DIR points at a tiny bundle)."""
+    from mobile_app.classifier import CellClassifier
+    from mobile_app.tally import read_csv
+    from tests.fixtures_app.tiny_export import tiny_export
+
+    field, cells = img.cell_field(pbc_dev, tmp_path / "field.png")
+    bundle = tiny_export(tmp_path / "bundle")
+    taps = [(c.centre[0] + 30, c.centre[1] - 20) for c in cells]  # on the cell, off its centre
+    steps: list[dict] = [{"do": "wait_model"}, {"do": "open", "path": str(field)}, {"do": "wait_idle"},
+                         {"do": "record", "name": "opened"}]
+    for cell, (x, y) in zip(cells, taps):
+        steps += [{"do": "tap_photo", "x": x, "y": y}, {"do": "wait_idle"}, {"do": "record", "name": cell.cls},
+                  {"do": "screenshot", "path": str(work / f"pick_{cell.cls}.png")}]
+    x0, y0 = taps[0]
+    steps += [
+        {"do": "slide", "value": 300}, {"do": "record", "name": "slid"},
+        {"do": "tap_photo", "x": x0, "y": y0}, {"do": "wait_idle"}, {"do": "record", "name": "retapped"},
+        {"do": "pinch_photo", "x": x0, "y": y0, "factor": 1.5}, {"do": "record", "name": "pinched"},
+        {"do": "drag_photo", "x": x0, "y": y0, "to": [x0 + 60, y0 + 40]}, {"do": "record", "name": "dragged"},
+        {"do": "tap", "text": "Classify square"}, {"do": "wait_idle"}, {"do": "record", "name": "classified"},
+        {"do": "screenshot", "path": str(work / "pick_classified.png")},
+        {"do": "tap", "text": "Add to count"}, {"do": "export_csv", "path": str(tmp_path / "count.csv")},
+        {"do": "record", "name": "counted"},
+    ]
+    out = run_app(None, steps, work, tmp_path / "data", "pick", env={"CELLVIT_MODEL_DIR": str(bundle)})
+    rec = out["records"]
+    assert rec["opened"]["model_state"] == "ready" and "tiny.onnx" in rec["opened"]["model_name"]
+    assert rec["opened"]["photo_size"] == [1200, 900] and rec["opened"]["box"] == []
+
+    headless = CellClassifier(bundle, fmt="onnx", platform="desktop")
+    for cell, (x, y) in zip(cells, taps):
+        state = rec[cell.cls]
+        box = state["box"]
+        assert box == pytest.approx(list(headless.suggest(field, x, y)))  # the UI and `classify --box x,y` agree
+        assert abs(box[0] - cell.centre[0]) < 40 and abs(box[1] - cell.centre[1]) < 40  # on the tapped cell
+        assert not state["box_locked"] and state["status_level"] == "info"
+        # the square is drawn where the photo shows that cell: state's geometry, then the pixels themselves
+        pl, pt, pr, pb = state["photo_on_screen"]
+        k = (pr - pl) / 1200
+        expected = [pl + (box[0] - box[2] / 2) * k, pt + (box[1] - box[2] / 2) * k,
+                    pl + (box[0] + box[2] / 2) * k, pt + (box[1] + box[2] / 2) * k]
+        assert state["box_on_screen"] == pytest.approx(expected, abs=1.5)
+        shot = work / f"pick_{cell.cls}.png"
+        assert outline_share(shot, state["box_on_screen"], PICK_CYAN, outset=3) > 0.9, cell.cls
+        n, share = colour_inside(shot, state["photo_on_screen"], state["box_on_screen"], PICK_CYAN, margin=6)
+        assert n > 100 and share > 0.98, (cell.cls, n, share)  # and nowhere else on the photo
+
+    slid, retapped, pinched, dragged = rec["slid"], rec["retapped"], rec["pinched"], rec["dragged"]
+    assert slid["box"][2] == pytest.approx(300, abs=1) and slid["box_locked"]
+    assert slid["box"][:2] == pytest.approx(rec[cells[-1].cls]["box"][:2], abs=1)  # resized where it was
+    assert retapped["box"][2] == slid["box"][2]  # the user's size stays for the next tap...
+    assert retapped["box"][:2] == pytest.approx(rec[cells[0].cls]["box"][:2], abs=1)  # ...on the new cell
+    assert pinched["box"][2] == pytest.approx(1.5 * retapped["box"][2], abs=2)  # two fingers spread 1.5x
+    assert dragged["box"][2] == pinched["box"][2]
+    assert [d - p for d, p in zip(dragged["box"][:2], pinched["box"][:2])] == pytest.approx([60, 40], abs=2)
+
+    classified = rec["classified"]
+    box = tuple(dragged["box"])
+    assert classified["prediction_box"] == pytest.approx(list(box))
+    expected_pred = headless.classify(field, box=box)
+    assert classified["label"] == expected_pred.label
+    assert classified["probability"] == pytest.approx(expected_pred.probability, abs=1e-5)
+    assert classified["crop"] == pytest.approx([(box[0] - box[2] / 2) / 1200, (box[1] - box[2] / 2) / 900,
+                                                (box[0] + box[2] / 2) / 1200, (box[1] + box[2] / 2) / 900], abs=1e-6)
+    shot = work / "pick_classified.png"
+    assert outline_share(shot, classified["box_on_screen"], PICK_CYAN, outset=3) > 0.9
+    assert outline_share(shot, classified["crop_on_screen"], CROP_GREEN, outset=0) > 0.9  # the classified one
+
+    counted = rec["counted"]
+    assert counted["entries"][-1]["box"] == pytest.approx(list(box))
+    (entry,) = read_csv(tmp_path / "count.csv")
+    assert entry.box == pytest.approx(box, abs=0.05) and entry.file == str(field) and entry.label == expected_pred.label
+    print(f"\nscreenshots: {[s for s in out['screenshots']]}")
+
+
+def test_a_fresh_clone_opens_the_shipped_model_and_classifies_a_pbc_photo(pbc_dev: Path, work: Path,
+                                                                         capsys: pytest.CaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make app` with no RUN: the committed bundle (mobile_app/assets/model), no training, no --model-dir."""
+    from mobile_app import cli
+
+    bundle = REPO / "mobile_app" / "assets" / "model"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    photo = img.real_images(pbc_dev, per_class=1)[4]  # a lymphocyte (100% test recall on the card)
+    shot = work / "shipped.png"
+    monkeypatch.delenv("CELLVIT_MODEL_DIR", raising=False)
+    out = run_app(None, [
+        {"do": "wait_model"}, {"do": "open", "path": str(photo)}, {"do": "wait_idle"},
+        {"do": "record", "name": "shown"}, {"do": "screenshot", "path": str(shot)},
+        {"do": "screen", "name": "about"}, {"do": "screenshot", "path": str(work / "shipped_about.png")},
+        {"do": "record", "name": "about"},
+    ], work, work / "data_shipped", "shipped")
+    shown = out["records"]["shown"]
+    shipped = [a["file"] for a in manifest["artifacts"] if (bundle / a["file"]).exists()]
+    assert len(shipped) == 1 and shown["model_state"] == "ready" and shown["model_name"].startswith(shipped[0])
+    assert shown["label"] == photo.parent.name == "lymphocyte"
+    assert cli.main(["classify", "--json", str(photo)]) == 0  # headless, no --model-dir: the same bundle
+    assert json.loads(capsys.readouterr().out)["label"] == shown["label"]
+    about = out["records"]["about"]["about"]
+    # every number names its data: the held-out test split with its size, and the other lab's folder
+    src = manifest["metrics"]["verify_source"]
+    assert f"the held-out test split, {src['images']} images" in about and "95% CI" in about
+    assert "on crosslab_dev" in about
+    assert colour_share(shot, CROP_GREEN) > 0.002, "the classified square is not drawn"

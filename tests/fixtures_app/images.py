@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,51 @@ def huge(path: Path, size: int, fmt: str) -> Path:
     else:
         im.save(path, quality=70)
     return path
+
+
+# ----------------------------------------------------------------------------- a field of several real cells
+
+FIELD_SIZE = (1200, 900)
+FIELD_BACKGROUND = (232, 206, 200)  # light pink, like a smear's background between the photos
+FIELD_CELLS = (("lymphocyte", (80, 60)), ("neutrophil", (700, 120)), ("eosinophil", (380, 500)))
+
+
+@dataclass(frozen=True)
+class PastedCell:
+    """One real pbc_dev photo pasted into a field, where it lies there (field pixels)."""
+
+    cls: str
+    source: Path
+    left: int
+    top: int
+    width: int
+    height: int
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.left + self.width / 2, self.top + self.height / 2)
+
+    @property
+    def square(self) -> tuple[int, int, int, int]:
+        """The largest centred square of the pasted photo, in field pixels: what the photo alone is classified on."""
+        side = min(self.width, self.height)
+        left, top = self.left + (self.width - side) // 2, self.top + (self.height - side) // 2
+        return (left, top, left + side, top + side)
+
+
+def cell_field(pbc_dev: Path, path: Path, cells: tuple[tuple[str, tuple[int, int]], ...] = FIELD_CELLS,
+               size: tuple[int, int] = FIELD_SIZE) -> tuple[Path, list[PastedCell]]:
+    """A microscope field with several cells: the first photo of each class pasted at its (left, top).
+
+    Saved losslessly (PNG), so the field holds exactly the decoded pixels of each photo.
+    """
+    field = Image.new("RGB", size, FIELD_BACKGROUND)
+    pasted = []
+    for cls, (left, top) in cells:
+        source = sorted((Path(pbc_dev) / cls).glob("*.jpg"))[0]
+        with Image.open(source) as im:
+            rgb = im.convert("RGB")
+        field.paste(rgb, (left, top))
+        pasted.append(PastedCell(cls, source, left, top, *rgb.size))
+    field.save(path)
+    return path, pasted
