@@ -133,7 +133,7 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
         out[name] = {}
         for f, p, pr in zip(files, probs, checks):
             out[name].setdefault(f.parent.name, []).append(
-                {"file": f.name, "flagged": rule.uncertain(float(p.max()), pr), "top": manifest["classes"][int(p.argmax())],
+                {"file": f.name, "flagged": rule.uncertain(float(p.max()), pr, int(p.argmax())), "top": manifest["classes"][int(p.argmax())],
                  "p": round(float(p.max()), 4), "problems": pr})
     return out
 

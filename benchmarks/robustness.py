@@ -325,7 +325,7 @@ def score(out: np.ndarray, y: np.ndarray, problems: list[list[str]], f: Format, 
     probs = f.rule.probabilities(out, f.kind)                     # [N, C] calibrated probabilities
     pred = probs.argmax(1)
     rep = report(y, pred, classes)
-    flagged = np.array([f.rule.uncertain(float(p.max()), pr) for p, pr in zip(probs, problems)], dtype=bool)
+    flagged = f.rule.flagged(probs, problems)
     kept = ~flagged
     return {"n": int(len(y)), "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"],
             "balanced_accuracy": rep["balanced_accuracy"], "flagged": float(flagged.mean()) if len(y) else 0.0,

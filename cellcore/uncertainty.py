@@ -6,7 +6,12 @@ The rule, the same in verification, benchmarks and the app:
    model's logits differ from fp32's, so each exported file has its own T and threshold);
 3. uncertain when max(p) < the artifact's threshold: the smallest t at which the validation
    predictions with max(p) >= t are at least `target` accurate; `null` when no t reaches it (then
-   every prediction is marked uncertain, and export warns).
+   every prediction is marked uncertain, and export warns);
+4. uncertain when the predicted class is one the export declared "not a white cell"
+   (manifest uncertainty.not_a_white_cell, e.g. PBC's `platelet`: a field with platelets and red
+   cells but no white cell). The app counts white cells; such a picture is shown with the model's
+   answer but flagged, as are the red-cell-only fields and platelet clumps that models answer
+   with that class.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ class UncertaintyRule:
     temperature: float = 1.0
     threshold: float | None = 0.5
     checks: PictureChecks = field(default_factory=PictureChecks)
+    not_a_cell: tuple[int, ...] = ()  # class indices that are always flagged (rule step 4)
 
     def probabilities(self, out: np.ndarray, kind: str = "logits") -> np.ndarray:
         """A model's [C] (or [N, C]) output -> calibrated probabilities (Core ML gives probabilities:
@@ -72,15 +78,25 @@ class UncertaintyRule:
         logits = np.log(np.clip(out, 1e-12, 1.0)) if kind == "probabilities" else out
         return softmax(logits, self.temperature)
 
-    def uncertain(self, top_probability: float, problems: list[str] | tuple[str, ...] = ()) -> bool:
-        return bool(problems) or self.threshold is None or top_probability < self.threshold
+    def uncertain(self, top_probability: float, problems: list[str] | tuple[str, ...] = (),
+                  predicted: int | None = None) -> bool:
+        """predicted: the top class's index (rule step 4); None skips that step."""
+        return (bool(problems) or self.threshold is None or top_probability < self.threshold
+                or (predicted is not None and int(predicted) in self.not_a_cell))
+
+    def flagged(self, probs: np.ndarray, problems: list[list[str]] | list[tuple[str, ...]]) -> np.ndarray:
+        """[N, C] calibrated probabilities + each picture's problems -> [N] bool, the whole rule."""
+        return np.array([self.uncertain(float(p.max()), pr, int(p.argmax())) for p, pr in zip(probs, problems)],
+                        dtype=bool).reshape(len(probs))
 
 
 def rule_for(manifest: dict, artifact_file: str | None = None) -> UncertaintyRule:
     """The rule for one exported file, from manifest["uncertainty"] (old manifests: one threshold, T = 1)."""
     unc = manifest.get("uncertainty") or {}
     checks = PictureChecks.from_dict(unc.get("picture_checks"))
+    classes = list(manifest.get("classes") or [])
+    not_a_cell = tuple(classes.index(c) for c in unc.get("not_a_white_cell") or () if c in classes)
     per = (unc.get("per_artifact") or {}).get(artifact_file or "", None)
     if per:
-        return UncertaintyRule(float(per.get("temperature", 1.0)), per.get("threshold"), checks)
-    return UncertaintyRule(float(unc.get("temperature", 1.0)), unc.get("threshold", 0.5), checks)
+        return UncertaintyRule(float(per.get("temperature", 1.0)), per.get("threshold"), checks, not_a_cell)
+    return UncertaintyRule(float(unc.get("temperature", 1.0)), unc.get("threshold", 0.5), checks, not_a_cell)

@@ -27,6 +27,8 @@ class ExportConfig:
     target_accuracy: float = 0.99    # the uncertainty threshold keeps accepted predictions at least this accurate
     data: str = ""                   # override the dataset root recorded in split.json (data moved)
     version: str = ""                # model version string for the manifest/app (default: run name + epoch)
+    # classes that are not a white cell (PBC: platelet, a field without one): always flagged by the app
+    not_a_white_cell: list[str] = field(default_factory=list)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-accuracy", type=float, default=0.99)
     p.add_argument("--data", default="", help="dataset root, if it moved since training")
     p.add_argument("--version", default="")
+    p.add_argument("--not-a-white-cell", nargs="*", default=[], metavar="CLASS",
+                   help="classes that are not a white cell (e.g. platelet): their answers are always flagged")
     return p
 
 
@@ -145,6 +149,10 @@ def run_export(cfg: ExportConfig) -> Path:
     with torch.no_grad():
         val_logits = predict_logits(model, to_tensor_nchw(val.images), torch.device("cpu"))
     unc = uncertainty_record(val_logits.numpy(), val.labels, cfg.target_accuracy)
+    unknown_cls = [c for c in cfg.not_a_white_cell if c not in classes]
+    if unknown_cls:
+        raise ValueError(f"--not-a-white-cell {unknown_cls}: not classes of this model; valid: {', '.join(classes)}")
+    unc["not_a_white_cell"] = list(cfg.not_a_white_cell)
     log.info("[3/5] temperature %.2f, uncertainty threshold %s (PyTorch; each format gets its own in verify)",
              unc["temperature"], unc["threshold"])
 
@@ -192,7 +200,7 @@ def run_export(cfg: ExportConfig) -> Path:
             ("crop the largest centred square: side = min(w, h), left = (w - side) // 2, top = (h - side) // 2"
              if prep.resize == "center_square_crop_then_resize" else
              f"crop the square around the nucleus nearest the centre (cellcore.preprocess.cell_box, nucleus spans "
-             f"{prep.cell_fill} of the side; edge pixels repeated past the photo's border)"),
+             f"{prep.cell_fill} of the side, the side at least {prep.cell_min_side} of the photo's short side; edge pixels repeated past the photo's border)"),
             f"resize that square to {s} x {s} with Pillow's bilinear filter (Image.resize(..., box=square))",
             "convert to float32 and divide by 255 (values 0..1); do NOT subtract mean or divide by std "
             "(the model does it)",
@@ -233,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging(None)
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, calib_images=args.calib_images,
-                       target_accuracy=args.target_accuracy, data=args.data, version=args.version)
+                       target_accuracy=args.target_accuracy, data=args.data, version=args.version,
+                       not_a_white_cell=args.not_a_white_cell)
     try:
         run_export(cfg)
     except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError, ExportFailed) as exc:

@@ -31,6 +31,8 @@ class ReleaseConfig:
     dest: str = "mobile_app/assets/model"
     max_mb: float = 3.0   # what may go into git
     also_verify: tuple[str, ...] = ()  # other labelled folders (other labs) measured before bundling: on the card
+    # PBC's platelet class is a field with platelets and red cells and no white cell: the app flags it
+    not_a_white_cell: tuple[str, ...] = ("platelet",)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--also-verify", nargs="*", default=list(d.also_verify), metavar="FOLDER",
                    help="labelled folders from other labs to verify on before bundling (their numbers go into "
                         "the manifest and the model card)")
+    p.add_argument("--not-a-white-cell", nargs="*", default=list(d.not_a_white_cell), metavar="CLASS",
+                   help=f"classes whose answers are always flagged (default {' '.join(d.not_a_white_cell)})")
     return p
 
 
@@ -113,7 +117,7 @@ def release(cfg: ReleaseConfig) -> dict:
         rc = 0 if all(v.get("status") != "FAILED" for v in read_manifest(run_dir / "export")["metrics"]["verify"].values()) else 1
     else:
         log.info("[2/4] exporting every format")
-        if export_cli.main(["--run-dir", str(run_dir)]) != 0:
+        if export_cli.main(["--run-dir", str(run_dir), "--not-a-white-cell", *cfg.not_a_white_cell]) != 0:
             raise RuntimeError("export failed")
         log.info("[3/4] verifying on the held-out test split")
         rc = verify.main(["--run-dir", str(run_dir)])

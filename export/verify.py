@@ -126,7 +126,7 @@ def stream_outputs(samples, prep, models: dict, checks, batch: int):
 def abstention(out: np.ndarray, y: np.ndarray, problems: list[list[str]], rule, kind: str) -> dict:
     """Share flagged under `rule` and the accuracy of what is not flagged."""
     probs = rule.probabilities(out, kind)
-    flagged = np.array([rule.uncertain(float(p.max()), pr) for p, pr in zip(probs, problems)])
+    flagged = rule.flagged(probs, problems)
     kept = ~flagged
     return {"flagged": float(flagged.mean()) if len(y) else 0.0,
             "accuracy_unflagged": float((probs.argmax(1) == y)[kept].mean()) if kept.any() else None}

@@ -187,6 +187,8 @@ class CellClassifier:
         order = np.argsort(-probs, kind="stable")
         top = [(manifest.classes[i], float(probs[i])) for i in order[:TOP_K]]
         label, p = top[0]
+        if int(order[0]) in rule.not_a_cell:  # the export declared this class "not a white cell"
+            problems += (f"no white cell: the model sees {label}",)
         l, t, r, b = prep.box_for(image)  # the model's square inside what was classified
         assert self._artifact is not None and self._runtime is not None
         return Prediction(

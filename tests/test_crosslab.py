@@ -52,10 +52,16 @@ def test_od_instance_norm_ignores_a_colour_cast(real_cells: list[Path], input_no
     assert (diff < 1e-3) == invariant, f"{input_norm}: max difference {diff}"
 
 
-def test_crosslab_options_train_and_travel_in_the_checkpoint(pbc_sample: Path, tmp_path: Path) -> None:
-    """The preset's crop, input norm and 2x-source augmentation run end to end and are recorded for export/app."""
+def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: Path, crosslab: Path,
+                                                                    tmp_path: Path) -> None:
+    """The crosslab preset's crop (with its minimum side), input norm and 2x-source augmentation train, travel in
+    the checkpoint and the manifest, and the app (`CellClassifier` on the exported ONNX, torch-free preprocessing)
+    gives PyTorch's calibrated probabilities and the manifest's rule on real PBC and other-lab photos."""
+    from export.cli import main as export_main
+    from mobile_app.classifier import CellClassifier
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.cli import main
+    from train.data import load_rgb
 
     run = tmp_path / "xl"
     assert main(["--data", str(pbc_sample), "--run-dir", str(run), "--preset", "crosslab", "--image-size", "64",
@@ -63,10 +69,27 @@ def test_crosslab_options_train_and_travel_in_the_checkpoint(pbc_sample: Path, t
                  "--plots", "false"]) == 0
     ckpt = load_checkpoint(run / "best.pt")
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    assert (prep.resize, prep.input_norm, ckpt["config"]["augment"]) == (
-        "cell_square_crop_then_resize", "od_instance", "robust_cell")
+    assert (prep.resize, prep.input_norm, prep.cell_min_side, ckpt["config"]["augment"],
+            ckpt["config"]["grad_clip"]) == ("cell_square_crop_then_resize", "od_instance", 0.45, "robust_soft", 1.0)
     model, prep2, classes = model_from_checkpoint(ckpt)
     assert model.input_norm == "od_instance" and prep2 == prep
+    assert export_main(["--run-dir", str(run), "--formats", "onnx_fp32", "--not-a-white-cell", "platelet"]) == 0
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    assert Preprocessing.from_dict(manifest["preprocessing"]) == prep
+    assert manifest["uncertainty"]["not_a_white_cell"] == ["platelet"]
+    photos = sorted(pbc_sample.rglob("*.jpg"))[::7][:8] + sorted(crosslab.rglob("*.bmp"))[::40]
+    x = torch.stack([torch.from_numpy(np.asarray(prep.apply(load_rgb(p)))).permute(2, 0, 1) for p in photos])
+    with torch.no_grad():
+        ref = model.eval()(x.float() / 255).numpy()  # [N, C] logits, fed as training feeds the model
+    clf = CellClassifier(run / "export", fmt="onnx", platform="desktop")
+    preds = [clf.classify(p) for p in photos]
+    rule = rule_for(manifest, clf.artifact.file)
+    assert rule.not_a_cell == (classes.index("platelet"),) and clf.rule == rule
+    got = np.array([p.probabilities for p in preds])
+    assert np.abs(got - softmax(ref, rule.temperature)).max() < 1e-4
+    for p, probs in zip(preds, got):
+        assert p.uncertain == rule.uncertain(float(probs.max()), p.problems, int(probs.argmax()))
+        assert (p.label == "platelet") <= p.uncertain  # a platelet answer is always flagged
 
 
 def test_picture_checks_flag_non_cells_and_pass_real_cells(pbc_dev: Path, real_cells: list[Path], crosslab: Path,
@@ -120,3 +143,40 @@ def test_rule_per_artifact_and_fallback() -> None:
     assert rule_for(manifest, "m_int8.onnx").uncertain(0.999)  # null threshold: always uncertain
     assert UncertaintyRule(1.0, 0.5).uncertain(0.9, ["picture too blurred"])
     assert not UncertaintyRule(1.0, 0.5).uncertain(0.9)
+
+
+def test_not_a_white_cell_classes_are_always_flagged() -> None:
+    """Step 4 of the rule: a confident answer of a class declared "not a white cell" is still flagged."""
+    manifest = {"classes": ["lymphocyte", "neutrophil", "platelet"],
+                "uncertainty": {"threshold": 0.5, "not_a_white_cell": ["platelet", "not-a-class"]}}
+    rule = rule_for(manifest, "m.onnx")
+    assert rule.not_a_cell == (2,)
+    probs = np.array([[0.98, 0.01, 0.01], [0.01, 0.01, 0.98], [0.4, 0.3, 0.3]], dtype=np.float32)
+    assert rule.flagged(probs, [[], [], []]).tolist() == [False, True, True]
+    assert rule.uncertain(0.98, (), 0) is False and rule.uncertain(0.98, (), 2) is True
+    # old manifests (no such key) flag nothing for its class
+    assert rule_for({"classes": manifest["classes"], "uncertainty": {"threshold": 0.5}}).not_a_cell == ()
+
+
+@pytest.mark.parametrize("min_side", [0.2, 0.45])
+def test_cell_crop_never_shrinks_below_its_minimum_side(pbc_dev: Path, min_side: float) -> None:
+    """A platelet or a small nucleus is framed with at least min_side of the photo, not blown up to a white
+    cell's size; large white cells are framed by their nucleus alone (the minimum does not bind)."""
+    from train.data import load_rgb
+
+    prep = Preprocessing(64, resize="cell_square_crop_then_resize", cell_min_side=min_side)
+    sides = {}
+    for cls in ("platelet", "neutrophil"):
+        for p in sorted((pbc_dev / cls).glob("*.jpg"))[:8]:
+            rgb = load_rgb(p)
+            l, t, r, b = prep.box_for(rgb)
+            assert r - l == b - t and r - l >= round(min_side * min(rgb.size)) - 1
+            sides.setdefault(cls, []).append((r - l) / min(rgb.size))
+    assert np.median(sides["neutrophil"]) > 0.45  # a neutrophil's nucleus sets its square either way
+    if min_side == 0.2:
+        assert min(sides["platelet"]) < 0.45  # the old default zooms into platelets
+
+
+def test_preprocessing_rejects_a_bad_cell_min_side() -> None:
+    with pytest.raises(ValueError, match="cell_min_side"):
+        Preprocessing(64, resize="cell_square_crop_then_resize", cell_min_side=0.0)

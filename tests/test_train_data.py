@@ -229,7 +229,8 @@ def _symmetries(img):
             yield m.rot90(k, dims=(-2, -1))
 
 
-@pytest.mark.parametrize("name", ["cells", "dihedral", "robust", "robust_cell", "robust_mild", "robust_strong"])
+@pytest.mark.parametrize("name", ["cells", "dihedral", "robust", "robust_cell", "robust_mild", "robust_soft",
+                                  "robust_strong"])
 def test_augmentations_on_real_cells(name: str, pbc_sample: Path) -> None:
     import torch
 

@@ -96,6 +96,27 @@ def test_train_step_compiles_the_full_batch_once_and_runs_the_partial_batch_eage
     assert compiled.calls == 4
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_grad_clip_bounds_the_update_to_the_clipped_gradient(precision: str) -> None:
+    """With SGD (lr 1, no momentum) the update *is* the gradient: its global norm must equal the clip (the
+    unclipped gradient of a huge-scaled input is far larger); with fp16 the GradScaler's scale is removed first."""
+    def run(clip: float) -> float:
+        model = _tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        # init_scale 1024: the default 65536 overflows fp16 on this input and the scaler skips the step
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=precision == "fp16")
+        step = TrainStep(model, opt, scaler, Precision(precision), torch.device("cpu"), check_now=True,
+                         grad_clip=clip)
+        before = [p.detach().clone() for p in model.parameters()]
+        g = torch.Generator().manual_seed(0)
+        step(torch.rand(4, 3, 8, 8, generator=g) * 100, torch.tensor([0, 1, 2, 0]))
+        return torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, model.parameters()))).item()
+
+    unclipped, clipped = run(0.0), run(0.5)
+    assert unclipped > 2.0, unclipped
+    assert clipped == pytest.approx(0.5, rel=1e-3)
+
+
 def test_train_step_raises_on_a_non_finite_loss_before_the_update() -> None:
     model = _tiny()
     step = _step(model, compile=False)

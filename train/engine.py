@@ -125,7 +125,8 @@ def preprocessing_of(cfg: TrainConfig) -> Preprocessing:
     from train.config import CROPS
 
     return Preprocessing(cfg.image_size, mean=cfg.mean, std=cfg.std, input_norm=cfg.input_norm,
-                         resize=CROPS[cfg.crop], cell_fill=cfg.cell_fill)
+                         resize=CROPS[cfg.crop], cell_fill=cfg.cell_fill,
+                         cell_min_side=cfg.cell_min_side)
 
 
 def to_tensor_nchw(images: np.ndarray) -> torch.Tensor:
@@ -225,7 +226,7 @@ def fit(cfg: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     train_step = TrainStep(train_model, optimizer, scaler, precision, device, compile=use_compile,
                            static_batch=cfg.batch_size, label_smoothing=cfg.label_smoothing, check_now=not on_gpu,
-                           compile_setting=cfg.compile)
+                           compile_setting=cfg.compile, grad_clip=cfg.grad_clip)
     sync_every = SYNC_EVERY_CUDA if on_gpu else 1
     augment = AUGMENTS[cfg.augment]
 

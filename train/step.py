@@ -119,8 +119,9 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  precision: Precision, device: torch.device, compile: bool = False, static_batch: int = 0,
                  label_smoothing: float = 0.0, backend="inductor", check_now: bool = False,
-                 compile_setting: str = "auto"):
+                 compile_setting: str = "auto", grad_clip: float = 0.0):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.grad_clip = grad_clip
         self.precision, self.device, self.label_smoothing = precision, device, label_smoothing
         self.static_batch, self.check_now, self.compile_setting = static_batch, check_now, compile_setting
         self.compiled = torch.compile(model, backend=backend, dynamic=False) if compile else None
@@ -155,6 +156,11 @@ class TrainStep:
                 loss, logits = self._fwd_bwd(self.model, x, y, where)
         else:
             loss, logits = self._fwd_bwd(self.compiled if kind == "compiled" else self.model, x, y, where)
+        if self.grad_clip > 0:
+            # one bad batch of heavily augmented images must not throw the transformer blocks off (a cpu-preset
+            # run diverged at lr ~1.7e-3 without it); unscale first so the norm is the true gradient's.
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.calls += 1
