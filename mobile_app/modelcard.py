@@ -82,6 +82,9 @@ def model_card(m: dict, artifact_file: str) -> str:
          "- No confidence level reached the target accuracy on the validation split: every answer is shown as "
          "uncertain."),
         "- Photos that fail the picture checks (no stained cell found, too blurred) are always uncertain.",
+        *([f"- Answers of class {', '.join(nac)} are always shown as uncertain: not a white cell (the export "
+           f"declared it so; a field of red cells or a platelet clump gets such answers)."]
+          if (nac := (m.get("uncertainty") or {}).get("not_a_white_cell")) else []),
         "",
         "## What it was and was not tested on",
         f"- Tested: held-out images of {name} (same scanner, stain and framing as training), in this file's own "
