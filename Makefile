@@ -46,8 +46,8 @@ app: install
 app-assets: install
 	$(PY) -m mobile_app bundle --model-dir $(RUN_DIR)/export $(if $(FORMAT),--format $(FORMAT))
 
-# The app's shipped model (mobile_app/assets/model/): train the cpu preset into runs/release (resumes), export,
-# verify on the test split, bundle the smallest ONNX that passed + manifest + MODEL_CARD.md, and say whether
+# The app's shipped model (mobile_app/assets/model/): train the crosslab preset into runs/release-crosslab (resumes), export,
+# verify on the test split, bundle the smallest ONNX/ExecuTorch file that passed + manifest + MODEL_CARD.md, say whether
 # it equals the committed bundle.
 release-model: install
 	$(PY) -m export.release --data $(DATA) $(ARGS)

@@ -155,6 +155,28 @@ def measure_folders(folders: list[Path]) -> int:
     return 0
 
 
+def sharpness_by_class(folders: list[Path], size: int = 128, min_side: float = 0.2) -> int:
+    """Median sharpness (cellcore.quality's measure) of what a cell-crop model sees, per class subfolder.
+
+    Why: it showed that blur was a class cue in PBC (erythroblast and platelet crops are zoomed in, so
+    softer) and that another lab's crops are softer than any PBC class, so they were answered with those
+    classes (README, "Cells from other labs").
+    """
+    from cellcore.preprocess import Preprocessing
+    from cellcore.quality import measure
+    from train.data import IMAGE_EXTS, load_rgb
+
+    prep = Preprocessing(size, resize="cell_square_crop_then_resize", cell_min_side=min_side)
+    print(f"| folder | class | images | median sharpness of the {size} px cell crop (min side {min_side}) |")
+    print("|---|---|---|---|")
+    for folder in folders:
+        for cls in sorted(d for d in folder.iterdir() if d.is_dir()):
+            files = sorted(f for f in cls.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            sharp = [measure(prep.apply(load_rgb(f)))[1] for f in files]
+            print(f"| {folder.name} | {cls.name} | {len(files)} | {np.median(sharp):.3f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/pbc_dev", help="PBC folder the real pixels come from")
@@ -163,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="also run every exported format of this run on the set; table in <run>/bench/")
     p.add_argument("--measure", nargs="+", metavar="FOLDER",
                    help="instead: the picture-check measures (stain share, sharpness) of every image in these folders")
+    p.add_argument("--by-class", action="store_true",
+                   help="with --measure: median sharpness of the 128 px cell crop per class subfolder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.measure and args.by_class:
+        return sharpness_by_class([Path(f) for f in args.measure])
     if args.measure:
         return measure_folders([Path(f) for f in args.measure])
     files = write_set(Path(args.data), Path(args.out), args.per_kind)

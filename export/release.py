@@ -1,6 +1,6 @@
 """`python -m export.release` (make release-model): train, export, verify and bundle the app's shipped model.
 
-Staged and logged like an ExecuTorch example: [1/4] train the `cpu` preset (resumes an interrupted run),
+Staged and logged like an ExecuTorch example: [1/4] train the `crosslab` preset (resumes an interrupted run),
 [2/4] export every format, [3/4] verify them on the held-out test split, [4/4] bundle the smallest file that
 passed (ONNX or ExecuTorch: what the app runs on a desktop and on Android) into mobile_app/assets/model/ with
 its manifest and model card. An export already made from this best.pt and verified is reused. It then says whether the new
@@ -26,8 +26,10 @@ BUNDLE_FORMATS = ("onnx", "executorch")
 @dataclass
 class ReleaseConfig:
     data: str = "../shared/data/pbc_dev"
-    run_dir: str = "runs/release"
-    preset: str = "cpu"
+    # The crosslab preset since issue 9: the same PBC test accuracy as the cpu preset's shipped run within its
+    # interval, 5.7x its accuracy on another lab's cells, platelet answers flagged (README "Cells from other labs").
+    run_dir: str = "runs/release-crosslab"
+    preset: str = "crosslab"
     dest: str = "mobile_app/assets/model"
     max_mb: float = 3.0   # what may go into git
     also_verify: tuple[str, ...] = ()  # other labelled folders (other labs) measured before bundling: on the card
