@@ -69,6 +69,15 @@ class Classifier(nn.Module):
         """[B, 3, S, S] float32 in 0..1 -> [B, 3, S, S] float32, what the backbone sees."""
         if self.input_norm == "imagenet":
             return (x - self.mean) / self.std
+        if self.input_norm == "od_background":
+            # white-balanced optical density: each channel's background (its clearest 5x5 region) is zero, and one
+            # scale for all channels keeps the ratios between them (the stain's hue) that od_instance equalises
+            od = -torch.log(x.clamp(min=1.0 / 255.0))
+            bg = torch.nn.functional.avg_pool2d(od, 5, stride=1).amin(dim=(2, 3), keepdim=True)
+            od = od - bg
+            mu = od.mean(dim=(1, 2, 3), keepdim=True)
+            sd = (od - mu).pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-4).sqrt()
+            return (od - mu) / sd
         if self.input_norm == "od_instance":
             x = -torch.log(x.clamp(min=1.0 / 255.0))  # optical density, 0 (white) .. 5.5 (black)
         mu = x.mean(dim=(2, 3), keepdim=True)
