@@ -29,7 +29,7 @@ train: install
 	    $(if $(wildcard $(RUN_DIR)/last.pt),--resume) $(ARGS)
 
 export: install
-	$(PY) -m export --run-dir $(RUN_DIR) $(if $(NOT_A_CELL),--not-a-white-cell $(NOT_A_CELL))
+	$(PY) -m export --run-dir $(RUN_DIR) $(if $(NOT_A_CELL),--not-a-white-cell $(NOT_A_CELL)) $(if $(TTA),--tta $(TTA))
 	$(PY) -m export.verify --run-dir $(RUN_DIR)
 
 verify: install

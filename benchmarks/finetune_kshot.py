@@ -42,6 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"random draws of the shots per K: seeds 0 .. draws-1 (default {DEFAULT_DRAWS})")
     p.add_argument("--epochs", type=int, default=None, help="passed to train.finetune (default: its own, 40)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per fine-tune (0: torch's default)")
+    p.add_argument("--tta", default="none", choices=("none", "dihedral8"),
+                   help="held-out evaluation with this test-time augmentation (passed to train.finetune)")
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose complete results already exist")
     return p
 
@@ -65,12 +67,12 @@ def cpu_info() -> dict:
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
-def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None) -> dict:
+def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None, tta: str = "none") -> dict:
     """What a finished run must have been made with for it to be reused."""
     from train.finetune import FinetuneConfig
 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
-            "epochs": epochs if epochs is not None else FinetuneConfig().epochs}
+            "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta}
 
 
 def completed(run_dir: Path, settings: dict) -> dict | None:
@@ -88,9 +90,9 @@ def completed(run_dir: Path, settings: dict) -> dict | None:
 
 
 def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int, epochs: int | None = None,
-                 threads: int = 0, force: bool = False) -> dict:
+                 threads: int = 0, force: bool = False, tta: str = "none") -> dict:
     """One fine-tune in a child process; its finetune.json plus the process's own wall seconds."""
-    settings = run_settings(from_run, data, shots, seed, epochs)
+    settings = run_settings(from_run, data, shots, seed, epochs, tta)
     if not force and (done := completed(run_dir, settings)) is not None:
         log.info("k=%d seed=%d: reusing the complete run in %s", shots, seed, run_dir)
         return {**done, "reused": True}
@@ -103,6 +105,8 @@ def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int,
         cmd += ["--epochs", str(epochs)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if tta != "none":
+        cmd += ["--tta", tta]
     log.info("k=%d seed=%d: %s", shots, seed, " ".join(cmd))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -149,7 +153,8 @@ def format_markdown(result: dict) -> str:
              f"`{result['command']}`", "",
              f"K random images per class to train on (all of a class with K or fewer), the rest held out; "
              f"{result['epochs']} epochs, final epoch kept. Mean ± sample std over the draws (seeds), "
-             f"min..max in brackets. Seconds: train.finetune's wall time per fine-tune.", "",
+             f"min..max in brackets. Seconds: train.finetune's wall time per fine-tune. Held-out images evaluated "
+             f"with test-time augmentation {result.get('tta', 'none')}.", "",
              "| k | draws | train images | held-out images | accuracy % mean ± std (min..max) | "
              "macro-F1 % mean ± std (min..max) | seconds (mean) |",
              "|---|---|---|---|---|---|---|"]
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.shots:
             for seed in range(args.draws):
                 runs.append(run_finetune(args.from_run, args.data, out / f"finetune_k{k}_s{seed}", k, seed,
-                                         args.epochs, args.threads, args.force))
+                                         args.epochs, args.threads, args.force, args.tta))
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks.finetune_kshot " + " ".join(argv if argv is not None else sys.argv[1:]),
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
-              "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+              "tta": args.tta, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))
     atomic_write_text(out / "finetune_kshot.md", format_markdown(result))

@@ -179,7 +179,7 @@ def _load_pte(path: str, threads: int):
                           "static_input_shape": list(meta) if meta is not None else None}
 
 
-def _load_torch(path: str, threads: int, compiled: bool):
+def _load_torch(path: str, threads: int, compiled: bool, tta: str = "none"):
     import torch
 
     torch.set_num_threads(threads)
@@ -194,7 +194,7 @@ def _load_torch(path: str, threads: int, compiled: bool):
 
     rss_lib = _peak_rss_mb()
     t0 = time.perf_counter()
-    model, _, _ = model_from_checkpoint(load_checkpoint(path), path)
+    model, _, _ = model_from_checkpoint(load_checkpoint(path), path, tta=tta)
     load_s = time.perf_counter() - t0
     extra: dict = {"torch_threads": torch.get_num_threads(), "rss_after_import_mb": round(rss_lib, 1)}
 
@@ -247,7 +247,8 @@ def run_worker(spec: dict) -> list[dict]:
                 elif spec["runtime"] == "executorch":
                     loaded[threads] = _load_pte(spec["path"], threads)
                 else:
-                    loaded[threads] = _load_torch(spec["path"], threads, spec["runtime"] == "compile")
+                    loaded[threads] = _load_torch(spec["path"], threads, spec["runtime"] == "compile",
+                                                  spec.get("tta", "none"))
             make, load_s, extra = loaded[threads]
             fn = make(batch, spec["input_size"])
             if fn is None:
@@ -340,6 +341,7 @@ def plan_jobs(manifest: dict, export_dir: Path, checkpoint: Path, runtimes: tupl
                                 "status": f"failed: no checkpoint {checkpoint}"})
             continue
         jobs.append({"runtime": rt, "artifact": checkpoint.name, "path": str(checkpoint.resolve()),
+                     "tta": (manifest.get("model") or {}).get("tta", "none"),  # time what the exported files compute
                      "configs": [dict(c, **base) for c in configs]})
     return jobs, static_rows
 

@@ -115,7 +115,8 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
 
     export_dir = run_dir / "export"
     manifest = read_manifest(export_dir)
-    model, prep, _ = model_from_checkpoint(load_checkpoint(run_dir / manifest["model"]["checkpoint"]))
+    model, prep, _ = model_from_checkpoint(load_checkpoint(run_dir / manifest["model"]["checkpoint"]),
+                                           tta=manifest["model"].get("tta", "none"))
     rgbs = [load_rgb(f) for f in files]
     x = np.stack([np.asarray(prep.apply(im), dtype=np.float32).transpose(2, 0, 1) / 255.0 for im in rgbs])  # [N,3,S,S]
     runners = {"best.pt": ("logits", lambda a: model(torch.from_numpy(a)).detach().numpy())}

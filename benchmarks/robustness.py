@@ -485,7 +485,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
     run_dir = Path(args.run_dir)
     manifest = read_manifest(run_dir / "export")
     ckpt_path = run_dir / manifest["model"].get("checkpoint", "best.pt")
-    model, prep, classes = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+    model, prep, classes = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path,
+                                                 tta=manifest["model"].get("tta", "none"))
     if classes != manifest["classes"]:
         raise ManifestError(f"{run_dir}/export: manifest classes {manifest['classes']} differ from the checkpoint's")
     unc = manifest.get("uncertainty") or {}

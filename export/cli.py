@@ -29,6 +29,8 @@ class ExportConfig:
     version: str = ""                # model version string for the manifest/app (default: run name + epoch)
     # classes that are not a white cell (PBC: platelet, a field without one): always flagged by the app
     not_a_white_cell: list[str] = field(default_factory=list)
+    # test-time augmentation folded into every exported graph (train.models.TTA_MODES); the manifest records it
+    tta: str = "none"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="")
     p.add_argument("--not-a-white-cell", nargs="*", default=[], metavar="CLASS",
                    help="classes that are not a white cell (e.g. platelet): their answers are always flagged")
+    p.add_argument("--tta", default="none", choices=("none", "dihedral8"),
+                   help="test-time augmentation inside the exported graph: dihedral8 averages the logits of the 8 "
+                        "rotations/mirrors (8x the compute; measured in the README on other labs' cells)")
     return p
 
 
@@ -129,10 +134,10 @@ def run_export(cfg: ExportConfig) -> Path:
     cfg_arch = ckpt.get("config", {}).get("arch", ckpt["arch"])
     if cfg_arch != ckpt["arch"]:
         raise CheckpointError(f"{ckpt_path}: checkpoint says arch {ckpt['arch']!r} but its config says {cfg_arch!r}")
-    model, prep, classes = model_from_checkpoint(ckpt, ckpt_path)
+    model, prep, classes = model_from_checkpoint(ckpt, ckpt_path, tta=cfg.tta)
     arch = ckpt["arch"]
-    log.info("[1/5] loaded %s: %s, %d classes, %d px, epoch %d", ckpt_path, arch, len(classes), prep.input_size,
-             ckpt["epoch"])
+    log.info("[1/5] loaded %s: %s, %d classes, %d px, epoch %d, test-time augmentation %s", ckpt_path, arch,
+             len(classes), prep.input_size, ckpt["epoch"], cfg.tta)
 
     split = run_dir / "split.json"
     train_s = load_split_samples(split, "train", cfg.data or None)
@@ -191,7 +196,7 @@ def run_export(cfg: ExportConfig) -> Path:
         "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "version": version,
         "model": {"arch": arch, "params": count_params(model), "epoch": ckpt["epoch"], "run_dir": str(run_dir),
-                  "checkpoint": ckpt_path.name, "checkpoint_sha256": sha256_of(ckpt_path)},
+                  "checkpoint": ckpt_path.name, "checkpoint_sha256": sha256_of(ckpt_path), "tta": cfg.tta},
         "classes": classes,
         "input": {"name": "image", "shape": [1, 3, s, s], "dtype": "float32", "layout": "NCHW",
                   "channel_order": "RGB", "value_range": [0.0, 1.0]},
@@ -207,7 +212,9 @@ def run_export(cfg: ExportConfig) -> Path:
             f"lay out as NCHW [1, 3, {s}, {s}], RGB order",
         ]},
         "output": {"name": "logits", "shape": [1, len(classes)],
-                   "meaning": "unnormalised class scores in the order of 'classes'; softmax gives probabilities"},
+                   "meaning": "unnormalised class scores in the order of 'classes'; softmax gives probabilities"
+                              + ("; already the mean over the 8 rotations/mirrors of the input (model.tta), so the app "
+                                 "runs the model once" if cfg.tta != "none" else "")},
         "uncertainty": unc,
         "metrics": {"training": {k: v for k, v in ckpt.get("metrics", {}).items() if k != "report"}, "verify": {}},
         "dataset": {"name": Path(str(ckpt.get("config", {}).get("data", ""))).name,
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None)
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, calib_images=args.calib_images,
                        target_accuracy=args.target_accuracy, data=args.data, version=args.version,
-                       not_a_white_cell=args.not_a_white_cell)
+                       not_a_white_cell=args.not_a_white_cell, tta=args.tta)
     try:
         run_export(cfg)
     except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError, ExportFailed) as exc:

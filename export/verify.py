@@ -176,7 +176,7 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
                             f"{sha256_of(ckpt_path)[:12]}… instead of {recorded[:12]}…): it was trained further or "
                             f"replaced. Export again (make export RUN={run_dir.name}) before verifying.")
     ckpt = load_checkpoint(ckpt_path)
-    model, prep, classes = model_from_checkpoint(ckpt)
+    model, prep, classes = model_from_checkpoint(ckpt, ckpt_path, tta=manifest["model"].get("tta", "none"))
     if classes != manifest["classes"]:
         raise ManifestError(f"{export_dir}: manifest classes {manifest['classes']} differ from the checkpoint's")
     if cfg.threads:

@@ -42,7 +42,10 @@ def model_card(m: dict, artifact_file: str) -> str:
         f"{str(entry.get('sha256', ''))[:16]}…).",
         f"- Classes ({len(m.get('classes', []))}): {', '.join(m.get('classes', []))}.",
         f"- Input: {prep.get('input_size', '?')} px square, `{prep.get('resize', '?')}`; the app applies the "
-        f"manifest's preprocessing exactly as training did.",
+        f"manifest's preprocessing exactly as training did."
+        + (" The file averages its logits over the 8 rotations and mirrors of the picture (test-time augmentation "
+           "inside the model: one call, 8x the compute), so how the phone is held does not change the answer."
+           if model.get("tta", "none") == "dihedral8" else ""),
         f"- Made by commit {source.get('git_commit') or 'unknown'}"
         + (" (with uncommitted changes)" if source.get("dirty") else "") + f" from data fingerprint "
         f"{str(ds.get('fingerprint') or '?')[:16]}…; regenerate with `make release-model`.",

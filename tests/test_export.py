@@ -286,3 +286,45 @@ def test_a_failing_exporter_fails_alone_and_never_touches_the_previous_export(br
     assert verify_main(["--run-dir", str(export_copy), "--limit", "8"]) == 1  # verify names the failed format
     rows = {r["file"]: r for r in json.loads((export_copy / "export" / "verify.json").read_text())["rows"]}
     assert rows["coreml_fp16"]["status"] == "FAILED" and rows["mobilevit_xxs_onnx_fp32.onnx"]["status"] == "PASS"
+
+
+# the 8-view graph makes XNNPACK int8 lowering slow (~4 min here): that format runs in `make test-slow`
+@pytest.mark.parametrize("fmt", ["onnx_fp32", pytest.param("xnnpack_int8", marks=pytest.mark.slow)])
+def test_tta_export_is_the_mean_over_rotations_and_mirrors_in_every_runtime(fmt: str, export_copy: Path,
+                                                                            val_batch) -> None:
+    """`--tta dihedral8`: PyTorch and the exported file return the mean logits of the 8 rotated/mirrored images
+    (computed here independently with numpy), so a rotated photo gets the same answer; verify uses it too."""
+    import export.verify as verify
+    from export.cli import main as export_main
+
+    x, _, plain = val_batch
+    x = x[:12]
+    ckpt = load_checkpoint(export_copy / "best.pt")
+    model, _, _ = model_from_checkpoint(ckpt)
+    views = [np.rot90(x, k, axes=(2, 3)) for k in range(4)]
+    views += [v[..., ::-1] for v in views]  # [8][N, 3, S, S]: the dihedral group of the square
+    with torch.no_grad():
+        expect = np.mean([model(torch.from_numpy(np.ascontiguousarray(v))).numpy() for v in views], axis=0)
+        tta_model, _, _ = model_from_checkpoint(ckpt, tta="dihedral8")
+        got = tta_model(torch.from_numpy(x)).numpy()
+        rotated = tta_model(torch.from_numpy(np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3))))).numpy()
+    assert np.abs(got - expect).max() < 1e-4 and np.abs(rotated - got).max() < 1e-4
+    assert np.abs(got - plain[:12]).max() > 1e-3  # it is not the plain model's answer
+
+    assert export_main(["--run-dir", str(export_copy), "--formats", fmt, "--tta", "dihedral8",
+                        "--calib-images", "32"]) == 0
+    m = read_manifest(export_copy / "export")
+    assert m["model"]["tta"] == "dihedral8" and "8 rotations" in m["output"]["meaning"]
+    (entry,) = m["artifacts"]
+    out = _run(entry, export_copy / "export" / entry["file"], x)
+    tol = 1e-3 if entry["precision"] == "fp32" else 0.75 * float((got.max(1) - got.min(1)).mean())
+    assert np.abs(out - got).max() < tol, entry["file"]
+    with pytest.MonkeyPatch.context() as mp:
+        for gate in ("LOW_PRECISION_MAX_DROP", "LOW_PRECISION_MAX_F1_DROP", "LOW_PRECISION_MAX_RECALL_DROP"):
+            mp.setattr(verify, gate, 100.0)  # the smoke model's near-tied logits, as in the test above
+        assert verify.main(["--run-dir", str(export_copy)]) == 0  # PyTorch reference with TTA == the graph
+
+
+def test_unknown_tta_is_refused_with_the_valid_choices(smoke_run: Path) -> None:
+    with pytest.raises(ValueError, match="valid: none, dihedral8"):
+        model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"), tta="rot4")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from train.models import Classifier, check_arch, create_model
+from train.models import Classifier, check_arch, check_tta, create_model
 from train.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,12 @@ def load_checkpoint(path: Path | str) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, path: Path | str = "<checkpoint>") -> tuple[Classifier, Preprocessing, list[str]]:
-    """Rebuild the exact network; a state dict of another architecture or class count is refused clearly."""
+def model_from_checkpoint(ckpt: dict, path: Path | str = "<checkpoint>",
+                          tta: str = "none") -> tuple[Classifier, Preprocessing, list[str]]:
+    """Rebuild the exact network; a state dict of another architecture or class count is refused clearly.
+
+    `tta`: the export's test-time augmentation (manifest model.tta), so a PyTorch reference computes what the
+    exported graph does."""
     arch = ckpt["arch"]
     try:
         check_arch(arch)
@@ -50,6 +54,7 @@ def model_from_checkpoint(ckpt: dict, path: Path | str = "<checkpoint>") -> tupl
     classes = list(ckpt["classes"])
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     model = create_model(arch, len(classes), prep.mean, prep.std, prep.input_norm)
+    model.tta = check_tta(tta)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

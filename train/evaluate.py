@@ -21,12 +21,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "made before the test split, which then says its numbers are selection-biased)")
     p.add_argument("--out", help="JSON report path (default: <run-dir>/eval/<data name>.json)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--tta", default="none", choices=("none", "dihedral8"),
+                   help="test-time augmentation, as export --tta puts in the exported graph (default none)")
     p.add_argument("--save-logits", help="also write the logits and labels to this .npz (for calibration studies)")
     return p
 
 
 def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_size: int = 128,
-             save_logits: Path | None = None, split: str = "auto") -> dict:
+             save_logits: Path | None = None, split: str = "auto", tta: str = "none") -> dict:
     import torch
 
     from train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -35,7 +37,7 @@ def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_siz
     from train.metrics import report
 
     ckpt = load_checkpoint(checkpoint)
-    model, prep, classes = model_from_checkpoint(ckpt, checkpoint)
+    model, prep, classes = model_from_checkpoint(ckpt, checkpoint, tta=tta)
     if data:
         samples = scan_onto_classes(data, classes, ckpt.get("class_map"))
         source = str(data)
@@ -55,7 +57,7 @@ def evaluate(checkpoint: Path, data: str | None, run_dir: Path | None, batch_siz
         save_logits.parent.mkdir(parents=True, exist_ok=True)
         np.savez(save_logits, logits=logits.numpy(), labels=cache.labels, classes=np.asarray(classes),
                  paths=np.asarray(cache.paths))
-    rep.update(source=source, checkpoint=str(checkpoint), arch=ckpt["arch"], epoch=ckpt.get("epoch"),
+    rep.update(source=source, checkpoint=str(checkpoint), arch=ckpt["arch"], epoch=ckpt.get("epoch"), tta=tta,
                skipped=[{"path": p, "reason": r} for p, r in cache.skipped])
     return rep
 
@@ -75,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rep = evaluate(ckpt, args.data, run_dir, args.batch_size,
-                       Path(args.save_logits) if args.save_logits else None, args.split)
+                       Path(args.save_logits) if args.save_logits else None, args.split, args.tta)
     except (CheckpointError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
     name = Path(args.data).name if args.data else ("test" if " test split" in rep["source"] else "val")
+    name += "" if args.tta == "none" else f"_tta_{args.tta}"
     out = Path(args.out) if args.out else ckpt.parent / "eval" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep, indent=2))

@@ -44,6 +44,7 @@ class FinetuneConfig:
     augment: str = "dihedral"   # lossless: a few real cells of the new lab need no simulated other labs
     seed: int = 0
     threads: int = 0
+    tta: str = "none"           # held-out evaluation with the test-time augmentation `export --tta` will put in the graph
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=d.augment, help=f"default {d.augment} (train.augment.AUGMENTS)")
     p.add_argument("--seed", type=int, default=d.seed, help="which random images are the shots (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--tta", default=d.tta, choices=("none", "dihedral8"),
+                   help="evaluate the held-out images as `python -m export --tta` will run them (default none)")
     return p
 
 
@@ -110,6 +113,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from train.data import ClassMap, DatasetError, ImageCache, Samples, atomic_write_text, save_split, scan_dataset
     from train.engine import predict_logits, setup_logging, to_tensor_nchw
     from train.metrics import format_report, report
+    from train.models import check_tta
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
@@ -191,6 +195,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             loss_sum += loss.item()
         log.info("finetune epoch %d/%d  train loss %.4f", epoch, cfg.epochs, loss_sum / steps_per_epoch)
     model.eval()
+    model.tta = check_tta(cfg.tta)  # eval only: the checkpoint below holds the same weights either way
     rep = None
     if val_c is not None and len(val_c):
         logits = predict_logits(model, to_tensor_nchw(val_c.images), torch.device("cpu"))
@@ -212,7 +217,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                                               sort_keys=False))
     result = {"from": str(ckpt_path), "shots": cfg.shots, "seed": cfg.seed, "train_images": len(train_c),
               "held_out_images": len(va), "wall_s": round(wall, 1), "held_out_accuracy": metrics["val_acc"],
-              "held_out_macro_f1": metrics["val_macro_f1"], "classes": all_classes, "new_classes": new}
+              "held_out_macro_f1": metrics["val_macro_f1"], "classes": all_classes, "new_classes": new,
+              "tta": cfg.tta}
     atomic_write_text(run_dir / "finetune.json", json.dumps(result, indent=1))
     log.info("fine-tuned in %.1f s -> %s (held-out accuracy %.4f)", wall, run_dir / "best.pt", metrics["val_acc"])
     return result

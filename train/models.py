@@ -6,6 +6,10 @@ from torch import nn
 
 from train.preprocess import INPUT_NORMS
 
+# Test-time augmentation folded into the graph (export --tta): "dihedral8" averages the logits over the 8 rotations and
+# mirrors of the square input. A cell has no "up" on a slide, so the answer should not depend on how the phone was held.
+TTA_MODES = ("none", "dihedral8")
+
 # name -> (library, constructor name, the input size the paper reports FLOPs at)
 ARCHS: dict[str, tuple[str, str, int]] = {
     "mobilevit_xxs": ("timm", "mobilevit_xxs", 256),
@@ -20,6 +24,12 @@ ARCHS: dict[str, tuple[str, str, int]] = {
 
 class UnknownArchError(ValueError):
     pass
+
+
+def check_tta(name: str) -> str:
+    if name not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {name!r}; valid: {', '.join(TTA_MODES)}")
+    return name
 
 
 def check_arch(name: str) -> str:
@@ -52,14 +62,21 @@ class Classifier(nn.Module):
       dyes: Beer-Lambert makes a lamp's or camera's colour cast, and a stain's strength, a per-channel
       offset and scale there), then each channel standardised over the image. Another lab's yellow
       background, paler stain or brighter lamp then reach the network much as PBC's do;
-    - "rgb_instance": the same standardisation on the pixel values themselves.
+    - "rgb_instance": the same standardisation on the pixel values themselves;
+    - "od_background" (the crosslab preset): optical density with each channel's background set to zero (a
+      colour cast removed, as od_instance) and one scale for all channels, so the stain's hue is kept.
+
+    `tta` "dihedral8" (eval mode only, so training never sees it) runs the backbone on the 8 rotations and mirrors of
+    each image and returns the mean of their logits: still [B, num_classes] logits, so every exported format, the
+    uncertainty rule and the app use it unchanged, at 8x the compute.
     """
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
-                 input_norm: str = "imagenet"):
+                 input_norm: str = "imagenet", tta: str = "none"):
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
+        self.tta = check_tta(tta)
         self.backbone = backbone
         self.input_norm = input_norm
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -85,7 +102,14 @@ class Classifier(nn.Module):
         return (x - mu) / sd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalise(x))
+        x = self.normalise(x)  # every input_norm is invariant to rotating or mirroring the image: normalise once
+        if self.tta == "none" or self.training:
+            return self.backbone(x)
+        b = x.shape[0]
+        t = x.transpose(2, 3)
+        # the dihedral group of the square: identity, 3 mirrors/rot180, transpose, 2 rotations, anti-transpose
+        views = torch.cat([x, x.flip(3), x.flip(2), x.flip((2, 3)), t, t.flip(3), t.flip(2), t.flip((2, 3))])
+        return self.backbone(views).reshape(8, b, -1).mean(0)  # [8B, C] -> [B, C]
 
 
 def create_model(arch: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
