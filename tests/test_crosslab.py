@@ -36,8 +36,8 @@ def crosslab(pbc_dev: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("input_norm,invariant", [("od_instance", True), ("od_background", True), ("rgb_instance", False),
-                                                 ("imagenet", False)])
+@pytest.mark.parametrize("input_norm,invariant", [("od_instance", True), ("od_background", True), ("od_gray", True),
+                                                 ("od_aligned", True), ("rgb_instance", False), ("imagenet", False)])
 def test_od_instance_norm_ignores_a_colour_cast(real_cells: list[Path], input_norm: str, invariant: bool) -> None:
     """A lamp's or camera's colour cast (a gain per channel) is an offset in optical density: od_instance removes it."""
     from train.models import create_model

@@ -64,7 +64,15 @@ class Classifier(nn.Module):
       background, paler stain or brighter lamp then reach the network much as PBC's do;
     - "rgb_instance": the same standardisation on the pixel values themselves;
     - "od_background" (the crosslab preset): optical density with each channel's background set to zero (a
-      colour cast removed, as od_instance) and one scale for all channels, so the stain's hue is kept.
+      colour cast removed, as od_instance) and one scale for all channels, so the stain's hue is kept;
+    - "od_gray": od_background summed over the channels (total stain density, hue dropped), standardised
+      and given to the backbone as 3 equal channels: another lab's red-violet nucleus and PBC's blue-violet
+      one become the same dark shape (measured worse: the other lab's neutrophils became eosinophils);
+    - "od_aligned": od_background after one rotation of the colour (optical-density) space per image that
+      turns the colour of its densest pixels (the nucleus) onto a fixed haematoxylin-like direction: the
+      nuclear dye's hue is set the same for every lab, while the cytoplasm's hue relative to it (an
+      eosinophil's orange granules) is kept. A one-stain Macenko normalisation, smooth and in the graph
+      (measured worse on the other lab for the same reason; README "Cells from other labs").
 
     `tta` "dihedral8" (eval mode only, so training never sees it) runs the backbone on the 8 rotations and mirrors of
     each image and returns the mean of their logits: still [B, num_classes] logits, so every exported format, the
@@ -86,12 +94,16 @@ class Classifier(nn.Module):
         """[B, 3, S, S] float32 in 0..1 -> [B, 3, S, S] float32, what the backbone sees."""
         if self.input_norm == "imagenet":
             return (x - self.mean) / self.std
-        if self.input_norm == "od_background":
+        if self.input_norm in ("od_background", "od_gray", "od_aligned"):
             # white-balanced optical density: each channel's background (its clearest 5x5 region) is zero, and one
             # scale for all channels keeps the ratios between them (the stain's hue) that od_instance equalises
             od = -torch.log(x.clamp(min=1.0 / 255.0))
             bg = torch.nn.functional.avg_pool2d(od, 5, stride=1).amin(dim=(2, 3), keepdim=True)
             od = od - bg
+            if self.input_norm == "od_gray":
+                od = od.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)  # [B, 1, S, S] -> [B, 3, S, S]
+            elif self.input_norm == "od_aligned":
+                od = align_nucleus_hue(od)
             mu = od.mean(dim=(1, 2, 3), keepdim=True)
             sd = (od - mu).pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-4).sqrt()
             return (od - mu) / sd
@@ -110,6 +122,36 @@ class Classifier(nn.Module):
         # the dihedral group of the square: identity, 3 mirrors/rot180, transpose, 2 rotations, anti-transpose
         views = torch.cat([x, x.flip(3), x.flip(2), x.flip((2, 3)), t, t.flip(3), t.flip(2), t.flip((2, 3))])
         return self.backbone(views).reshape(8, b, -1).mean(0)  # [8B, C] -> [B, C]
+
+
+# Ruifrok & Johnston's haematoxylin direction in optical density (R, G, B), unit length: where od_aligned puts
+# every image's nuclear colour. Any fixed direction inside the positive octant would do: training sees it too.
+NUCLEUS_OD = (0.6443, 0.7167, 0.2668)
+
+
+def align_nucleus_hue(od: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] background-free optical density -> same, rotated so its nucleus colour is NUCLEUS_OD.
+
+    The nucleus colour is the density-weighted mean colour with weights density^4 (the darkest pixels
+    dominate without a threshold or a quantile, which keeps the graph smooth and exportable). The rotation is
+    Rodrigues' formula taking that unit vector a onto b: R = I + [v]x + [v]x^2 / (1 + a.b), v = a x b; both lie
+    in the positive octant, so a.b > 0 and R is well defined. A blank picture has a ~ 0 and R ~ I.
+    """
+    dens = od.clamp(min=0).sum(dim=1, keepdim=True)                              # [B, 1, S, S]
+    w = dens.pow(4)
+    a = (od * w).sum(dim=(2, 3)) / (w.sum(dim=(2, 3)) + 1e-6)                     # [B, 3]
+    a = a / (a.norm(dim=1, keepdim=True) + 1e-6)
+    b = torch.tensor(NUCLEUS_OD, dtype=od.dtype, device=od.device).expand_as(a)    # [B, 3]
+    v = torch.stack([a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+                     a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]], 1)                    # a x b, [B, 3]
+    c = (a * b).sum(dim=1)
+    zero = torch.zeros_like(c)
+    vx = torch.stack([torch.stack([zero, -v[:, 2], v[:, 1]], 1),
+                      torch.stack([v[:, 2], zero, -v[:, 0]], 1),
+                      torch.stack([-v[:, 1], v[:, 0], zero], 1)], 1)               # [B, 3, 3]
+    eye = torch.eye(3, dtype=od.dtype, device=od.device).expand_as(vx)
+    rot = eye + vx + vx @ vx / (1 + c).clamp(min=1e-3).view(-1, 1, 1)
+    return torch.einsum("bij,bjhw->bihw", rot, od)
 
 
 def create_model(arch: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
