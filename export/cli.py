@@ -31,6 +31,8 @@ class ExportConfig:
     not_a_white_cell: list[str] = field(default_factory=list)
     # test-time augmentation folded into every exported graph (train.models.TTA_MODES); the manifest records it
     tta: str = "none"
+    # flag photos whose nucleus colour lies outside the training photos' (cellcore.quality.PictureChecks.stain_hue)
+    stain_check: bool = True
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,10 +49,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=("none", "dihedral8"),
                    help="test-time augmentation inside the exported graph: dihedral8 averages the logits of the 8 "
                         "rotations/mirrors (8x the compute; measured in the README on other labs' cells)")
+    p.add_argument("--no-stain-check", dest="stain_check", action="store_false",
+                   help="do not flag photos whose nucleus colour lies outside the training photos' range (default: "
+                        "flag them; the model is confidently wrong on other labs' stains, README 'Cells from other labs')")
     return p
 
 
-def uncertainty_record(val_logits: np.ndarray, labels: np.ndarray, target: float, kind: str = "logits") -> dict:
+def uncertainty_record(val_logits: np.ndarray, labels: np.ndarray, target: float, kind: str = "logits",
+                       checks: "PictureChecks | None" = None) -> dict:
     """Temperature and threshold for one model's validation outputs (cellcore.uncertainty's rule)."""
     from cellcore.quality import PictureChecks
     from cellcore.uncertainty import UncertaintyRule, choose_threshold, fit_temperature
@@ -62,7 +68,7 @@ def uncertainty_record(val_logits: np.ndarray, labels: np.ndarray, target: float
         log.warning("no threshold reaches %.0f%% accuracy on the validation images: every prediction of this model "
                     "will be marked uncertain (threshold null)", 100 * target)
     return {"temperature": round(t, 4), **chosen, "target_accuracy": target, "chosen_on": "validation split",
-            "picture_checks": PictureChecks().to_dict(),
+            "picture_checks": (checks or PictureChecks()).to_dict(),
             "rule": "uncertain if the picture checks fail, or max softmax(logits / temperature) < threshold "
                     "(threshold null: always uncertain)"}
 
@@ -117,6 +123,7 @@ def tool_versions() -> dict:
 def run_export(cfg: ExportConfig) -> Path:
     import torch
 
+    from cellcore.quality import PictureChecks, stain_hue_range
     from export.exporters import EXPORTERS, ExportContext
     from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from train.data import ImageCache, load_split_samples
@@ -153,7 +160,11 @@ def run_export(cfg: ExportConfig) -> Path:
 
     with torch.no_grad():
         val_logits = predict_logits(model, to_tensor_nchw(val.images), torch.device("cpu"))
-    unc = uncertainty_record(val_logits.numpy(), val.labels, cfg.target_accuracy)
+    hue = None
+    if cfg.stain_check:
+        # a fine-tuned run carries its parent's range widened by the new lab's cells; else fit it on the training split
+        hue = ckpt.get("stain_hue") or stain_hue_range([Path(train_s.root) / p for p in train_s.paths])
+    unc = uncertainty_record(val_logits.numpy(), val.labels, cfg.target_accuracy, checks=PictureChecks(stain_hue=hue))
     unknown_cls = [c for c in cfg.not_a_white_cell if c not in classes]
     if unknown_cls:
         raise ValueError(f"--not-a-white-cell {unknown_cls}: not classes of this model; valid: {', '.join(classes)}")
@@ -249,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None)
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, calib_images=args.calib_images,
                        target_accuracy=args.target_accuracy, data=args.data, version=args.version,
-                       not_a_white_cell=args.not_a_white_cell, tta=args.tta)
+                       not_a_white_cell=args.not_a_white_cell, tta=args.tta, stain_check=args.stain_check)
     try:
         run_export(cfg)
     except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError, ExportFailed) as exc:

@@ -84,7 +84,9 @@ def model_card(m: dict, artifact_file: str) -> str:
          if isinstance(threshold, (int, float)) else
          "- No confidence level reached the target accuracy on the validation split: every answer is shown as "
          "uncertain."),
-        "- Photos that fail the picture checks (no stained cell found, too blurred) are always uncertain.",
+        "- Photos that fail the picture checks (no stained cell found, too blurred"
+        + (", a stain colour unlike the training photos" if ((m.get("uncertainty") or {}).get(
+            "picture_checks") or {}).get("stain_hue") else "") + ") are always uncertain.",
         *([f"- Answers of class {', '.join(nac)} are always shown as uncertain: not a white cell (the export "
            f"declared it so; a field of red cells or a platelet clump gets such answers)."]
           if (nac := (m.get("uncertainty") or {}).get("not_a_white_cell")) else []),

@@ -248,7 +248,8 @@ def uncertainty_text(rule) -> str:
     if rule.threshold is None:
         return f"no threshold reached the target accuracy on validation images: every result says \"{UNCERTAIN_MESSAGE}\""
     return (f"a result says \"{UNCERTAIN_MESSAGE}\" when its calibrated top probability is below {rule.threshold:.0%} "
-            f"(temperature {rule.temperature:.2f}), or when the picture shows no stained cell or is too blurred")
+            f"(temperature {rule.temperature:.2f}), or when the picture shows no stained cell or is too blurred"
+            + (", or has a stain colour unlike the training pictures" if rule.checks.stain_hue else ""))
 
 
 class CellClassifierApp(App):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cellcore.imaging import decode
 from cellcore.preprocess import Preprocessing
 from cellcore.quality import PictureChecks
 from cellcore.uncertainty import THRESHOLDS, UncertaintyRule, choose_threshold, fit_temperature, rule_for, softmax
@@ -181,3 +182,50 @@ def test_cell_crop_never_shrinks_below_its_minimum_side(pbc_dev: Path, min_side:
 def test_preprocessing_rejects_a_bad_cell_min_side() -> None:
     with pytest.raises(ValueError, match="cell_min_side"):
         Preprocessing(64, resize="cell_square_crop_then_resize", cell_min_side=0.0)
+
+
+@pytest.fixture(scope="module")
+def pbc_stain_range(pbc_dev: Path) -> tuple[float, float, float, float]:
+    """Fitted as export fits it, on every 10th pbc_dev photo (~530): the held-out checks use the others."""
+    from cellcore.quality import stain_hue_range
+
+    return stain_hue_range(sorted(pbc_dev.rglob("*.jpg"))[::10])
+
+
+def test_stain_check_passes_pbc_and_flags_another_labs_stain(pbc_dev: Path, crosslab: Path,
+                                                            pbc_stain_range: tuple[float, float, float, float]) -> None:
+    """README: fitted on runs/odbg80's training split the range flags no PBC validation/test photo and 80% of
+    crosslab_dev; with this smaller fit, PBC photos it did not see still pass and most of the other lab's are flagged."""
+    checks = PictureChecks(stain_hue=pbc_stain_range)
+    seen = set(sorted(pbc_dev.rglob("*.jpg"))[::10])
+    pbc = [p for p in sorted(pbc_dev.rglob("*.jpg"))[5::53] if p not in seen]
+    other = sorted(p for p in crosslab.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".png", ".bmp"))[::5]
+    stain_msg = lambda path: [m for m in checks.problems(decode(path).rgb) if m.startswith("stain colour")]  # noqa: E731
+    assert [p.name for p in pbc if stain_msg(p)] == []
+    flagged = sum(bool(stain_msg(p)) for p in other)
+    assert flagged >= 0.6 * len(other), f"{flagged} of {len(other)} crosslab_dev photos flagged"
+
+
+def test_stain_check_flags_a_red_violet_copy_of_a_pbc_cell(real_cells: list[Path],
+                                                          pbc_stain_range: tuple[float, float, float, float]) -> None:
+    """The same cell with its dye turned red-violet (less red absorbed, as the other lab's rapid stain)."""
+    checks = PictureChecks(stain_hue=pbc_stain_range)
+    for p in real_cells[:4]:
+        a = np.asarray(decode(p).rgb, dtype=np.float32)
+        od = -np.log(np.maximum(a, 1.0) / 255.0) * np.array([0.55, 1.0, 1.3], dtype=np.float32)
+        shifted = Image.fromarray(np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8))
+        assert not checks.problems(decode(p).rgb), p
+        assert any(m.startswith("stain colour") for m in checks.problems(shifted)), p
+
+
+@pytest.mark.parametrize("d,expected", [({}, None), ({"stain_hue": [0.3, 0.5, 0.2, 0.4]}, (0.3, 0.5, 0.2, 0.4)),
+                                        ({"min_stain": 0.002, "min_sharpness": 0.031, "stain_hue": None}, None)])
+def test_picture_checks_round_trip_through_the_manifest(d: dict, expected) -> None:
+    checks = PictureChecks.from_dict(d)
+    assert checks.stain_hue == expected
+    assert PictureChecks.from_dict(json.loads(json.dumps(checks.to_dict()))) == checks
+
+
+def test_a_malformed_stain_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="stain_hue must be"):
+        PictureChecks.from_dict({"stain_hue": [0.3, 0.5]})

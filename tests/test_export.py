@@ -36,14 +36,14 @@ def val_batch(smoke_run: Path, pbc_sample: Path):
     return x, y, ref
 
 
-def test_verify_streams_batches_identically(smoke_run: Path, pbc_sample: Path, val_batch) -> None:
+def test_verify_streams_batches_identically(smoke_run: Path, smoke_export: Path, pbc_sample: Path, val_batch) -> None:
     """Decoding 7 images at a time gives the same inputs as 64 at a time: memory is bounded, numbers unchanged."""
     from export.verify import _limited
     from train.data import scan_onto_classes
     from train.preprocess import Preprocessing
 
     prep = Preprocessing.from_dict(load_checkpoint(smoke_run / "best.pt")["preprocessing"])
-    x7, y7 = _decoded(_limited(scan_onto_classes(pbc_sample, read_manifest(smoke_run / "export")["classes"]), 40),
+    x7, y7 = _decoded(_limited(scan_onto_classes(pbc_sample, read_manifest(smoke_export)["classes"]), 40),
                       prep, batch=7)
     x, y, _ = val_batch
     assert len(y) == 40 and np.array_equal(y7, y) and np.array_equal(x7, x)

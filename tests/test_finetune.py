@@ -108,3 +108,20 @@ def test_benchmark_summary_and_table() -> None:
                                       "system": "Linux", "python": "3"}})
     assert "| 5 | 2 | 20 | 80 | 85.0 ± 7.1 (80.0..90.0) | 75.0 ± 7.1 (70.0..80.0) | 50 |" in md
     assert "CPU X" in md and "2 cores" in md
+
+
+def test_finetuned_checkpoint_carries_the_parents_stain_range_widened_by_the_new_lab(smoke_run: Path, ft_run: Path) -> None:
+    """The exported fine-tuned model must not flag the new lab's stain, nor the parent's (cellcore.quality)."""
+    from cellcore.quality import nucleus_hue, stain_hue_range
+    from cellcore.imaging import decode
+    from train.data import load_split_samples
+
+    parent_train = load_split_samples(smoke_run / "split.json", "train")
+    parent = stain_hue_range([Path(parent_train.root) / p for p in parent_train.paths])
+    hue = load_checkpoint(ft_run / "best.pt")["stain_hue"]
+    assert parent is not None and len(hue) == 4
+    assert hue[0] <= parent[0] and hue[1] >= parent[1] and hue[2] <= parent[2] and hue[3] >= parent[3]
+    shots = load_split_samples(ft_run / "split.json", "train")
+    for p in shots.paths:
+        r, b = nucleus_hue(decode(Path(shots.root) / p).rgb)
+        assert hue[0] <= r <= hue[1] and hue[2] <= b <= hue[3], p

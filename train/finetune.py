@@ -104,10 +104,40 @@ def widen_head(model, old: int, new: int) -> None:
     setattr(parent, name.rsplit(".", 1)[-1], wide)
 
 
+def parent_stain_hue(ckpt: dict, ckpt_path: Path) -> tuple[float, float, float, float] | None:
+    """The stain colour range the parent model was trusted on (cellcore.quality.PictureChecks.stain_hue).
+
+    From the parent checkpoint (itself fine-tuned), else its export's manifest (what its exported files
+    flag), else fitted on its training split; None if none of these exists.
+    """
+    from cellcore.quality import stain_hue_range
+    from train.data import DatasetError, load_split_samples
+
+    if ckpt.get("stain_hue"):
+        return tuple(ckpt["stain_hue"])
+    manifest = ckpt_path.parent / "export" / "manifest.json"
+    if manifest.is_file():
+        hue = json.loads(manifest.read_text()).get("uncertainty", {}).get("picture_checks", {}).get("stain_hue")
+        if hue:
+            return tuple(hue)
+    split = ckpt_path.parent / "split.json"
+    if not split.is_file():
+        log.warning("%s: no split.json beside it, so the new run's stain colour range is the new lab's alone", ckpt_path)
+        return None
+    try:
+        train_s = load_split_samples(split, "train")
+    except DatasetError as exc:
+        log.warning("the parent's training photos are not readable (%s): the stain colour range is the new lab's alone",
+                    exc)
+        return None
+    return stain_hue_range([Path(train_s.root) / p for p in train_s.paths])
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from cellcore.quality import stain_hue_range, union_stain_hue
     from train.augment import AUGMENTS, source_scale
     from train.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint, save_atomic
     from train.data import ClassMap, DatasetError, ImageCache, Samples, atomic_write_text, save_split, scan_dataset
@@ -201,6 +231,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         logits = predict_logits(model, to_tensor_nchw(val_c.images), torch.device("cpu"))
         rep = report(val_c.labels, logits.argmax(1).numpy(), all_classes)
         log.info("held-out (%d images):\n%s", len(val_c), format_report(rep))
+    stain_hue = union_stain_hue(parent_stain_hue(ckpt, ckpt_path),
+                                stain_hue_range([Path(samples.root) / samples.paths[i] for i in tr]))
     wall = time.time() - t_start
     base_cfg.update(data=str(cfg.data), run_dir=str(run_dir), class_map=cfg.class_map or "", augment=augment_name)
     metrics = {"epoch": cfg.epochs, "val_acc": rep["accuracy"] if rep else float("nan"),
@@ -209,7 +241,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                  "preprocessing": prep.to_dict(), "config": base_cfg,
                  "class_map": ClassMap.load(cfg.class_map).to_dict() if cfg.class_map else None,
                  "dataset_fingerprint": samples.fingerprint(), "epoch": cfg.epochs, "metrics": metrics,
-                 "model": model.state_dict(), "finetuned_from": str(ckpt_path),
+                 "model": model.state_dict(), "finetuned_from": str(ckpt_path), "stain_hue": stain_hue,
                  "finetune": dataclasses.asdict(cfg)}, run_dir / "best.pt")
     import yaml
 
