@@ -139,20 +139,38 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
     return out
 
 
-def measure_folders(folders: list[Path]) -> int:
-    """min / median / max of cellcore.quality.measure over each folder's images, and how many the checks flag."""
-    from cellcore.quality import PictureChecks, measure
+def measure_folders(folders: list[Path], run_dir: Path | None = None) -> int:
+    """min / median / max of cellcore.quality's measures over each folder's images, and how many the checks flag.
+
+    The checks are the defaults, or with run_dir that run's exported ones (its stain colour range included).
+    """
+    from cellcore.quality import PictureChecks, measure, nucleus_hue
     from train.data import IMAGE_EXTS, load_rgb
 
-    checks = PictureChecks()
-    print("| folder | images | stain share min / median / max | sharpness min / median / max | flagged |")
-    print("|---|---|---|---|---|")
+    if run_dir is not None:
+        from cellcore.manifest import read_manifest
+
+        checks = PictureChecks.from_dict(read_manifest(run_dir / "export")["uncertainty"].get("picture_checks"))
+    else:
+        checks = PictureChecks()
+    print(f"checks: {checks.to_dict()}")
+    print("| folder | images | stain share min / median / max | sharpness min / median / max | nucleus red min / median "
+          "/ max | nucleus blue min / median / max | flagged by stain share or sharpness | flagged by stain colour |")
+    print("|---|---|---|---|---|---|---|---|")
     for folder in folders:
         files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
-        m = np.array([measure(load_rgb(f)) for f in files])
+        rgbs = (load_rgb(f) for f in files)
+        m, hues, by_colour = [], [], 0
+        for rgb in rgbs:
+            m.append(measure(rgb))
+            h = nucleus_hue(rgb)
+            hues.append(h if h is not None else (np.nan, np.nan))
+            by_colour += any(x.startswith("stain colour") for x in checks.problems(rgb))
+        m, hues = np.array(m), np.array(hues)
         flagged = int(((m[:, 0] < checks.min_stain) | (m[:, 1] < checks.min_sharpness)).sum())
-        print(f"| {folder} | {len(files)} | {m[:, 0].min():.4f} / {np.median(m[:, 0]):.4f} / {m[:, 0].max():.4f} | "
-              f"{m[:, 1].min():.3f} / {np.median(m[:, 1]):.3f} / {m[:, 1].max():.3f} | {flagged} |")
+        q = lambda v, f: f"{np.nanmin(v):{f}} / {np.nanmedian(v):{f}} / {np.nanmax(v):{f}}"  # noqa: E731
+        print(f"| {folder} | {len(files)} | {q(m[:, 0], '.4f')} | {q(m[:, 1], '.3f')} | {q(hues[:, 0], '.3f')} | "
+              f"{q(hues[:, 1], '.3f')} | {flagged} | {by_colour} |")
     return 0
 
 
@@ -183,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="../shared/data/pbc_dev", help="PBC folder the real pixels come from")
     p.add_argument("--out", default="runs/data/noncell")
     p.add_argument("--per-kind", type=int, default=5)
-    p.add_argument("--run-dir", help="also run every exported format of this run on the set; table in <run>/bench/")
+    p.add_argument("--run-dir", help="also run every exported format of this run on the set; table in <run>/bench/ (with "
+                        "--measure: count what this run's exported checks flag)")
     p.add_argument("--measure", nargs="+", metavar="FOLDER",
                    help="instead: the picture-check measures (stain share, sharpness) of every image in these folders")
     p.add_argument("--by-class", action="store_true",
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure and args.by_class:
         return sharpness_by_class([Path(f) for f in args.measure])
     if args.measure:
-        return measure_folders([Path(f) for f in args.measure])
+        return measure_folders([Path(f) for f in args.measure], Path(args.run_dir) if args.run_dir else None)
     files = write_set(Path(args.data), Path(args.out), args.per_kind)
     log.info("wrote %d pictures of %d kinds into %s", len(files), len(KINDS), args.out)
     if not args.run_dir:

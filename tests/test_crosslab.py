@@ -229,3 +229,16 @@ def test_picture_checks_round_trip_through_the_manifest(d: dict, expected) -> No
 def test_a_malformed_stain_range_is_refused() -> None:
     with pytest.raises(ValueError, match="stain_hue must be"):
         PictureChecks.from_dict({"stain_hue": [0.3, 0.5]})
+
+
+def test_noncell_measure_reports_stain_colour_per_folder(pbc_sample: Path, crosslab: Path, capsys) -> None:
+    """`python -m benchmarks.noncell --measure` prints one row per folder with the nucleus colour the stain check uses."""
+    from benchmarks.noncell import main
+
+    assert main(["--measure", str(pbc_sample / "basophil"), str(crosslab / "basophil")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {pbc_sample}") or
+            line.startswith(f"| {crosslab}")]
+    assert len(rows) == 2
+    pbc_red = float(rows[0].split("|")[5].split("/")[1])
+    other_red = float(rows[1].split("|")[5].split("/")[1])
+    assert 0.39 < pbc_red < 0.56 and other_red < pbc_red  # PBC's blue-violet nuclei absorb more red
