@@ -33,6 +33,8 @@ class ExportConfig:
     tta: str = "none"
     # flag photos whose nucleus colour lies outside the training photos' (cellcore.quality.PictureChecks.stain_hue)
     stain_check: bool = True
+    # the range is the training photos' 0.1st..99.9th percentile widened by this fraction of its span on each side
+    stain_margin: float = 0.1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stain-check", dest="stain_check", action="store_false",
                    help="do not flag photos whose nucleus colour lies outside the training photos' range (default: "
                         "flag them; the model is confidently wrong on other labs' stains, README 'Cells from other labs')")
+    p.add_argument("--stain-margin", type=float, default=0.1,
+                   help="widen the fitted stain colour range by this fraction of its span on each side (default 0.1; "
+                        "larger flags fewer photos of stains near the training stain)")
     return p
 
 
@@ -130,6 +135,8 @@ def run_export(cfg: ExportConfig) -> Path:
     from train.engine import predict_logits, to_tensor_nchw
     from train.models import count_params
 
+    if cfg.stain_margin < 0:
+        raise ValueError(f"--stain-margin {cfg.stain_margin}: must be >= 0 (a fraction of the fitted range's span)")
     unknown = [f for f in cfg.formats if f not in EXPORTERS]
     if unknown:
         raise ValueError(f"unknown format(s) {unknown}; valid: {', '.join(EXPORTERS)}")
@@ -163,7 +170,8 @@ def run_export(cfg: ExportConfig) -> Path:
     hue = None
     if cfg.stain_check:
         # a fine-tuned run carries its parent's range widened by the new lab's cells; else fit it on the training split
-        hue = ckpt.get("stain_hue") or stain_hue_range([Path(train_s.root) / p for p in train_s.paths])
+        hue = ckpt.get("stain_hue") or stain_hue_range([Path(train_s.root) / p for p in train_s.paths],
+                                                       margin=cfg.stain_margin)
     unc = uncertainty_record(val_logits.numpy(), val.labels, cfg.target_accuracy, checks=PictureChecks(stain_hue=hue))
     unknown_cls = [c for c in cfg.not_a_white_cell if c not in classes]
     if unknown_cls:
@@ -260,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None)
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, calib_images=args.calib_images,
                        target_accuracy=args.target_accuracy, data=args.data, version=args.version,
-                       not_a_white_cell=args.not_a_white_cell, tta=args.tta, stain_check=args.stain_check)
+                       not_a_white_cell=args.not_a_white_cell, tta=args.tta, stain_check=args.stain_check,
+                       stain_margin=args.stain_margin)
     try:
         run_export(cfg)
     except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError, ExportFailed) as exc:

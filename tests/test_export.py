@@ -234,13 +234,17 @@ def test_coreml_structure_check(smoke_export: Path) -> None:
     ("config_arch", "checkpoint says arch 'mobilevit_xxs' but its config says 'mobilevit_xs'"),
     ("class_count", "weights do not fit mobilevit_xxs with 9 classes"),
     ("unknown_format", "unknown format(s) ['tflite']"),
+    ("negative_margin", "--stain-margin -0.5: must be >= 0"),
 ])
 def test_export_errors_are_clear(damage: str, expected: str, export_copy: Path, caplog) -> None:
     from export.cli import main
 
     run = export_copy
     formats = ["onnx_fp32"]
-    if damage == "missing_run":
+    extra = ["--stain-margin", "-0.5"] if damage == "negative_margin" else []
+    if damage == "negative_margin":
+        pass
+    elif damage == "missing_run":
         run = export_copy / "nope"
     elif damage == "unknown_format":
         formats = ["tflite"]
@@ -252,7 +256,7 @@ def test_export_errors_are_clear(damage: str, expected: str, export_copy: Path, 
             ck["classes"] = ck["classes"] + ["extra"]
         save_atomic(ck, run / "best.pt")
     before = (export_copy / "export" / "manifest.json").read_text()
-    assert main(["--run-dir", str(run), "--formats", *formats]) == 2
+    assert main(["--run-dir", str(run), "--formats", *formats, *extra]) == 2
     assert expected in caplog.text
     assert (export_copy / "export" / "manifest.json").read_text() == before  # old export untouched
 
