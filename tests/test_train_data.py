@@ -230,7 +230,7 @@ def _symmetries(img):
 
 
 @pytest.mark.parametrize("name", ["cells", "dihedral", "robust", "robust_cell", "robust_mild", "robust_soft",
-                                  "robust_soft_colour", "robust_strong"])
+                                  "robust_soft_colour", "robust_soft_dye", "robust_strong"])
 def test_augmentations_on_real_cells(name: str, pbc_sample: Path) -> None:
     import torch
 

@@ -307,6 +307,11 @@ AUGMENTS = {
     "robust_soft_colour": RobustAugment(p_clean=0.2, zoom=(0.75, 1.1), shift=0.05, p_blur=0.7, blur_sigma=(0.3, 1.6),
                                         p_lowres=0.4, p_gray=0.15, stain=0.4, stain_bias=0.06, hue=0.15,
                                         saturation=(0.4, 1.7), gamma=0.4),
+    # robust_soft with a wider per-channel gamma (0.55..1.45): each channel's optical density scaled on its own,
+    # which turns a nucleus' dye from blue-violet towards pink-violet or deep blue, as the issue describes other
+    # labs' stains; od_background keeps that hue, so the model must learn classes across it.
+    "robust_soft_dye": RobustAugment(p_clean=0.2, zoom=(0.75, 1.1), shift=0.05, p_blur=0.7, blur_sigma=(0.3, 1.6),
+                                     p_lowres=0.4, p_gray=0.15, gamma=0.45),
     "robust_strong": RobustAugment(p_clean=0.15, zoom=(0.25, 1.0), stain=0.35, hue=0.12, saturation=(0.4, 1.7),
                                    brightness=0.3, contrast=0.3, gamma=0.35, p_gray=0.15, p_blur=0.45,
                                    blur_sigma=(0.4, 2.0), p_lowres=0.45, lowres=(0.25, 0.8), p_noise=0.3),
