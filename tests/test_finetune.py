@@ -125,3 +125,54 @@ def test_finetuned_checkpoint_carries_the_parents_stain_range_widened_by_the_new
     for p in shots.paths:
         r, b = nucleus_hue(decode(Path(shots.root) / p).rgb)
         assert hue[0] <= r <= hue[1] and hue[2] <= b <= hue[3], p
+
+
+def test_finetune_at_another_input_size_exports_and_classifies_at_that_size(smoke_run: Path, new_lab: Path,
+                                                                            tmp_path: Path) -> None:
+    """--image-size: the checkpoint, the exported graph, the manifest and the app all take the new size."""
+    import onnxruntime as ort
+
+    from export.cli import main as export_main
+    from mobile_app.classifier import CellClassifier
+
+    run_dir = tmp_path / "ft96"
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(run_dir), "--shots", "2",
+                 "--epochs", "1", "--image-size", "96"]) == 0
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    parent = load_checkpoint(smoke_run / "best.pt")
+    assert parent["preprocessing"]["input_size"] == 64
+    assert ckpt["preprocessing"]["input_size"] == 96 and ckpt["config"]["image_size"] == 96
+    assert export_main(["--run-dir", str(run_dir), "--formats", "onnx_fp32", "--calib-images", "8"]) == 0
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["input_size"] == 96
+    shape = ort.InferenceSession(str(run_dir / "export" / "mobilevit_xxs_onnx_fp32.onnx")).get_inputs()[0].shape
+    assert list(shape[1:]) == [3, 96, 96]
+    photo = next((new_lab / "neutrophil").iterdir())
+    pred = CellClassifier(run_dir / "export", fmt="onnx").classify(photo)
+    assert pred.label in ckpt["classes"] and len(pred.probabilities) == len(ckpt["classes"])
+
+
+def test_finetune_refuses_a_too_small_input_size(smoke_run: Path, new_lab: Path, tmp_path: Path, caplog) -> None:
+    rc = main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(tmp_path / "ft16"),
+               "--shots", "2", "--epochs", "1", "--image-size", "16"])
+    assert rc == 2 and "input_size must be at least 32, got 16" in caplog.text
+
+
+def test_soup_is_the_average_of_its_ingredients(smoke_run: Path, ft_run: Path, new_lab: Path, tmp_path: Path) -> None:
+    """average_weights on two real checkpoints, and a --soup 2 run that loads and predicts like any run."""
+    from train.finetune import average_weights
+
+    a = load_checkpoint(ft_run / "best.pt")["model"]
+    b = {k: v * 3 if v.is_floating_point() else v for k, v in a.items()}
+    avg = average_weights([a, b])
+    assert set(avg) == set(a)
+    for k, v in a.items():
+        assert torch.allclose(avg[k], v * 2) if v.is_floating_point() else torch.equal(avg[k], v), k
+    run_dir = tmp_path / "soup"
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--shots", "2", "--epochs", "1",
+                 "--run-dir", str(run_dir), "--soup", "2"]) == 0
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    assert ckpt["finetune"]["soup"] == 2
+    model, prep, _ = model_from_checkpoint(ckpt, run_dir / "best.pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.rand(2, 3, prep.input_size, prep.input_size))).all()

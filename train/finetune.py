@@ -44,6 +44,8 @@ class FinetuneConfig:
     augment: str = "dihedral"   # lossless: a few real cells of the new lab need no simulated other labs
     seed: int = 0
     threads: int = 0
+    image_size: int = 0         # >0: fine-tune (and export) at this input size instead of the parent's
+    soup: int = 1               # >1: train this many times from the parent (other draw orders) and average the weights
     tta: str = "none"           # held-out evaluation with the test-time augmentation `export --tta` will put in the graph
 
 
@@ -64,6 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=d.augment, help=f"default {d.augment} (train.augment.AUGMENTS)")
     p.add_argument("--seed", type=int, default=d.seed, help="which random images are the shots (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="input size in px for the fine-tuned "
+                   "model (default 0: the parent's); MobileViT has no position embeddings, so its weights carry over")
+    p.add_argument("--soup", type=int, default=d.soup, help="train this many times from the parent with other "
+                   f"draw orders and average the weights (default {d.soup}: once)")
     p.add_argument("--tta", default=d.tta, choices=("none", "dihedral8"),
                    help="evaluate the held-out images as `python -m export --tta` will run them (default none)")
     return p
@@ -133,9 +139,57 @@ def parent_stain_hue(ckpt: dict, ckpt_path: Path) -> tuple[float, float, float, 
     return stain_hue_range([Path(train_s.root) / p for p in train_s.paths])
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def average_weights(state_dicts: list[dict]) -> dict:
+    """The element-wise mean of floating-point tensors (in float64, cast back); other entries from the first."""
+    out = {}
+    for k, v in state_dicts[0].items():
+        if v.is_floating_point():
+            out[k] = (sum(sd[k].double() for sd in state_dicts) / len(state_dicts)).to(v.dtype)
+        else:
+            out[k] = v.clone()  # BatchNorm's num_batches_tracked: a counter, the same in every ingredient
+    return out
+
+
+def train_steps(model, x_all, y_all, src_all, w, augment, smoothing: float, cfg: FinetuneConfig, seed: int) -> None:
+    """cfg.epochs of class-balanced draws (weights `w`) from the cached shots, AdamW with a cosine decay.
+
+    x_all: [N, 3, S, S] uint8 (the preprocessed shots); src_all: the larger sources some augments crop from.
+    """
     import torch
     import torch.nn.functional as F
+
+    steps_per_epoch = max(1, math.ceil(len(y_all) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    torch.manual_seed(seed)  # dropout and any other global draws: each call reproducible on its own
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        idx = torch.multinomial(w, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
+        loss_sum = 0.0
+        for s in range(steps_per_epoch):
+            b = idx[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            x = x_all[b].float().div_(255)  # [B, 3, S, S] float32 in 0..1
+            if src_all is not None:
+                x = augment(x, src_all[b].float().div_(255), generator=gen)
+            elif augment is not None:
+                x = augment(x, generator=gen)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y_all[b],
+                                   label_smoothing=smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+        log.info("finetune epoch %d/%d  train loss %.4f", epoch, cfg.epochs, loss_sum / steps_per_epoch)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    import torch
 
     from cellcore.quality import stain_hue_range, union_stain_hue
     from train.augment import AUGMENTS, source_scale
@@ -158,6 +212,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     ckpt = load_checkpoint(ckpt_path)
     model, prep, classes = model_from_checkpoint(ckpt, ckpt_path)
     base_cfg = dict(ckpt.get("config") or {})
+    if cfg.image_size and cfg.image_size != prep.input_size:
+        log.info("input size %d px -> %d px", prep.input_size, cfg.image_size)
+        prep = dataclasses.replace(prep, input_size=cfg.image_size)
+        base_cfg["image_size"] = cfg.image_size
 
     samples = scan_dataset(cfg.data, ClassMap.load(cfg.class_map or None), seed=cfg.seed)
     new = [c for c in samples.classes if c not in classes]
@@ -195,35 +253,23 @@ def finetune(cfg: FinetuneConfig) -> dict:
     x_all, y_all = to_tensor_nchw(train_c.images), torch.from_numpy(train_c.labels)
     src_all = to_tensor_nchw(train_c.sources) if train_c.sources is not None else None
     # class-balanced draws: a new lab's few cells are as imbalanced as its slides
-    w = 1.0 / np.bincount(train_c.labels, minlength=len(all_classes))[train_c.labels]
-    steps_per_epoch = max(1, math.ceil(len(train_c) / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    w = torch.as_tensor(1.0 / np.bincount(train_c.labels, minlength=len(all_classes))[train_c.labels])
     smoothing = float(base_cfg.get("label_smoothing", 0.0))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        idx = torch.multinomial(torch.as_tensor(w), steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
-        loss_sum = 0.0
-        for s in range(steps_per_epoch):
-            b = idx[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x = x_all[b].float().div_(255)  # [B, 3, S, S] float32 in 0..1
-            if src_all is not None:
-                x = augment(x, src_all[b].float().div_(255), generator=gen)
-            elif augment is not None:
-                x = augment(x, generator=gen)
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y_all[b],
-                                   label_smoothing=smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item()
-        log.info("finetune epoch %d/%d  train loss %.4f", epoch, cfg.epochs, loss_sum / steps_per_epoch)
+    if cfg.soup <= 1:
+        train_steps(model, x_all, y_all, src_all, w, augment, smoothing, cfg, cfg.seed)
+    else:
+        # a uniform "model soup": the same shots, different draw orders and augmentations, weights averaged;
+        # all start from the parent's weights, so their average is a model of the same basin (Wortsman 2022)
+        import copy
+
+        start = copy.deepcopy(model.state_dict())
+        ingredients = []
+        for i in range(cfg.soup):
+            model.load_state_dict(start)
+            log.info("soup ingredient %d/%d", i + 1, cfg.soup)
+            train_steps(model, x_all, y_all, src_all, w, augment, smoothing, cfg, cfg.seed * 1000 + i)
+            ingredients.append(copy.deepcopy(model.state_dict()))
+        model.load_state_dict(average_weights(ingredients))
     model.eval()
     model.tta = check_tta(cfg.tta)  # eval only: the checkpoint below holds the same weights either way
     rep = None
