@@ -176,3 +176,25 @@ def test_soup_is_the_average_of_its_ingredients(smoke_run: Path, ft_run: Path, n
     model, prep, _ = model_from_checkpoint(ckpt, run_dir / "best.pt")
     with torch.no_grad():
         assert torch.isfinite(model(torch.rand(2, 3, prep.input_size, prep.input_size))).all()
+
+
+@pytest.mark.parametrize("mode", ["selftrain", "rehearse"])
+def test_finetune_extras_compares_with_the_plain_finetune(mode: str, smoke_run: Path, new_lab: Path, tmp_path: Path,
+                                                         caplog) -> None:
+    """benchmarks.finetune_extras runs each idea beside the plain fine-tune on real photos; unknown classes refused."""
+    from benchmarks.finetune_extras import main as extras_main
+
+    import re
+
+    known = tmp_path / "known"  # the new lab without its class the checkpoint does not know
+    known.mkdir()
+    for name in ("neutrophil", "lymphocyte", "monocyte"):
+        os.symlink(new_lab / name, known / name)
+    caplog.set_level("INFO")
+    assert extras_main(["--from", str(smoke_run), "--data", str(known), "--mode", mode, "--shots", "2",
+                        "--seeds", "0", "--threshold", "0.0", "--per-class", "2", "--epochs", "1"]) == 0
+    assert "seed 0: plain fine-tune" in caplog.text and f"% ± 0.0, {mode} " in caplog.text
+    if mode == "selftrain":  # threshold 0: every unlabelled photo of the other half is kept
+        assert re.search(r"half 0: (\d+) of \1 unlabelled kept", caplog.text), caplog.text
+    assert extras_main(["--from", str(smoke_run), "--data", str(new_lab), "--mode", mode]) == 2
+    assert "classes the checkpoint does not know (newcell)" in caplog.text
