@@ -13,7 +13,7 @@ RUN_NAME := $(or $(RUN),default)
 RUN_DIR  := runs/$(RUN_NAME)
 
 .PHONY: install train export verify evaluate app app-assets test test-slow bench bench-tables bench-train-speed \
-        bench-gpu bench-flops train-all finetune bench-finetune bench-robustness release-model clean
+        bench-gpu bench-flops train-all finetune bench-finetune bench-robustness bench-distance release-model clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -83,6 +83,10 @@ train-all: install
 #   make bench-robustness RUN=gpu_c_rc_od_ls DATA=../shared/data/crosslab_dev ARGS="--images 100"
 bench-robustness: install
 	$(PY) -m benchmarks.robustness --run-dir $(RUN_DIR) $(if $(filter-out ../shared/data/pbc_dev,$(DATA)),--data $(DATA)) $(ARGS)
+
+# the feature distance's thresholds, tried on PyTorch: runs/RUN/bench/feature_distance.{md,json}
+bench-distance: install
+	$(PY) -m benchmarks.feature_distance --run-dir $(RUN_DIR) $(if $(filter-out ../shared/data/pbc_dev,$(DATA)),--data $(DATA)) $(ARGS)
 
 # Adapt a trained run to a new lab from a few labelled cells: FROM is a run name (runs/FROM) or a path,
 # DATA the new lab's class folders (required: not the pbc_dev default), RUN the new run, e.g.

@@ -117,6 +117,9 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
     manifest = read_manifest(export_dir)
     model, prep, _ = model_from_checkpoint(load_checkpoint(run_dir / manifest["model"]["checkpoint"]),
                                            tta=manifest["model"].get("tta", "none"))
+    from train.distance import attach_from_export
+
+    attach_from_export(model, manifest, export_dir)  # PyTorch then outputs what the exported graphs do
     rgbs = [load_rgb(f) for f in files]
     x = np.stack([np.asarray(prep.apply(im), dtype=np.float32).transpose(2, 0, 1) / 255.0 for im in rgbs])  # [N,3,S,S]
     runners = {"best.pt": ("logits", lambda a: model(torch.from_numpy(a)).detach().numpy())}
@@ -130,12 +133,16 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
         rule = rule_for(manifest, name)
         checks = [rule.checks.problems(im) for im in rgbs]
         with torch.no_grad():
-            probs = rule.probabilities(run(x), kind)  # [N, C] calibrated
+            raw = run(x)  # [N, C] or [N, C + 1] (the feature distance column)
+        probs = rule.probabilities(raw, kind)  # [N, C] calibrated
+        dists = rule.distances(raw)
+        dists = [None] * len(files) if dists is None else list(dists)
         out[name] = {}
-        for f, p, pr in zip(files, probs, checks):
+        for f, p, pr, d in zip(files, probs, checks, dists):
             out[name].setdefault(f.parent.name, []).append(
-                {"file": f.name, "flagged": rule.uncertain(float(p.max()), pr, int(p.argmax())), "top": manifest["classes"][int(p.argmax())],
-                 "p": round(float(p.max()), 4), "problems": pr})
+                {"file": f.name, "flagged": rule.uncertain(float(p.max()), pr, int(p.argmax()), d),
+                 "top": manifest["classes"][int(p.argmax())], "p": round(float(p.max()), 4), "problems": pr,
+                 "distance": None if d is None else round(float(d), 4), "far": rule.far(d)})
     return out
 
 

@@ -325,7 +325,7 @@ def score(out: np.ndarray, y: np.ndarray, problems: list[list[str]], f: Format, 
     probs = f.rule.probabilities(out, f.kind)                     # [N, C] calibrated probabilities
     pred = probs.argmax(1)
     rep = report(y, pred, classes)
-    flagged = f.rule.flagged(probs, problems)
+    flagged = f.rule.flagged(probs, problems, f.rule.distances(out))  # + the feature distance column, if any
     kept = ~flagged
     return {"n": int(len(y)), "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"],
             "balanced_accuracy": rep["balanced_accuracy"], "flagged": float(flagged.mean()) if len(y) else 0.0,
@@ -489,6 +489,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
                                                  tta=manifest["model"].get("tta", "none"))
     if classes != manifest["classes"]:
         raise ManifestError(f"{run_dir}/export: manifest classes {manifest['classes']} differ from the checkpoint's")
+    from train.distance import attach_from_export
+
+    attach_from_export(model, manifest, run_dir / "export")  # PyTorch then outputs what the exported graphs do
     unc = manifest.get("uncertainty") or {}
     checks = PictureChecks.from_dict(unc.get("picture_checks"))
     folders = [load_folder(d, classes) for d in args.data]  # first: a folder with unknown classes fails fast

@@ -11,7 +11,10 @@ The rule, the same in verification, benchmarks and the app:
    (manifest uncertainty.not_a_white_cell, e.g. PBC's `platelet`: a field with platelets and red
    cells but no white cell). The app counts white cells; such a picture is shown with the model's
    answer but flagged, as are the red-cell-only fields and platelet clumps that models answer
-   with that class.
+   with that class;
+5. uncertain when the exported file carries the feature distance (train.distance: an extra output column
+   after the C logits) and it exceeds the file's `max_distance`, fitted on the validation split: the
+   picture's features lie far from every training class, however confident the model is.
 """
 from __future__ import annotations
 
@@ -71,23 +74,41 @@ class UncertaintyRule:
     threshold: float | None = 0.5
     checks: PictureChecks = field(default_factory=PictureChecks)
     not_a_cell: tuple[int, ...] = ()  # class indices that are always flagged (rule step 4)
+    n_classes: int | None = None      # the output's columns after the first n_classes are not logits (step 5)
+    max_distance: float | None = None  # rule step 5; None: no distance check
 
     def probabilities(self, out: np.ndarray, kind: str = "logits") -> np.ndarray:
-        """A model's [C] (or [N, C]) output -> calibrated probabilities (Core ML gives probabilities:
-        their logarithms are logits up to a constant, so the same temperature applies)."""
+        """A model's [C] or [C + 1] (or [N, ...]) output -> calibrated [C] / [N, C] probabilities (Core ML gives
+        probabilities: their logarithms are logits up to a constant, so the same temperature applies)."""
+        out = np.asarray(out)
+        if self.n_classes is not None:
+            out = out[..., :self.n_classes]  # the feature distance column, if any, is not a class score
         logits = np.log(np.clip(out, 1e-12, 1.0)) if kind == "probabilities" else out
         return softmax(logits, self.temperature)
 
-    def uncertain(self, top_probability: float, problems: list[str] | tuple[str, ...] = (),
-                  predicted: int | None = None) -> bool:
-        """predicted: the top class's index (rule step 4); None skips that step."""
-        return (bool(problems) or self.threshold is None or top_probability < self.threshold
-                or (predicted is not None and int(predicted) in self.not_a_cell))
+    def distances(self, out: np.ndarray) -> np.ndarray | None:
+        """The feature distance column of a [C + 1] / [N, C + 1] output ([] / [N]); None if the output has none."""
+        out = np.asarray(out)
+        if self.n_classes is None or out.shape[-1] <= self.n_classes:
+            return None
+        return out[..., self.n_classes].astype(np.float64)
 
-    def flagged(self, probs: np.ndarray, problems: list[list[str]] | list[tuple[str, ...]]) -> np.ndarray:
-        """[N, C] calibrated probabilities + each picture's problems -> [N] bool, the whole rule."""
-        return np.array([self.uncertain(float(p.max()), pr, int(p.argmax())) for p, pr in zip(probs, problems)],
-                        dtype=bool).reshape(len(probs))
+    def far(self, distance: float | None) -> bool:
+        """Rule step 5 alone: the features lie farther from every training class than this file's max_distance."""
+        return self.max_distance is not None and distance is not None and float(distance) > self.max_distance
+
+    def uncertain(self, top_probability: float, problems: list[str] | tuple[str, ...] = (),
+                  predicted: int | None = None, distance: float | None = None) -> bool:
+        """predicted: the top class's index (rule step 4); None skips that step. distance: step 5."""
+        return (bool(problems) or self.threshold is None or top_probability < self.threshold
+                or (predicted is not None and int(predicted) in self.not_a_cell) or self.far(distance))
+
+    def flagged(self, probs: np.ndarray, problems: list[list[str]] | list[tuple[str, ...]],
+                distances: np.ndarray | None = None) -> np.ndarray:
+        """[N, C] calibrated probabilities + each picture's problems (+ [N] feature distances) -> [N] bool."""
+        ds = [None] * len(probs) if distances is None else list(distances)
+        return np.array([self.uncertain(float(p.max()), pr, int(p.argmax()), d)
+                         for p, pr, d in zip(probs, problems, ds)], dtype=bool).reshape(len(probs))
 
 
 def rule_for(manifest: dict, artifact_file: str | None = None) -> UncertaintyRule:
@@ -96,7 +117,10 @@ def rule_for(manifest: dict, artifact_file: str | None = None) -> UncertaintyRul
     checks = PictureChecks.from_dict(unc.get("picture_checks"))
     classes = list(manifest.get("classes") or [])
     not_a_cell = tuple(classes.index(c) for c in unc.get("not_a_white_cell") or () if c in classes)
+    n = len(classes) or None
     per = (unc.get("per_artifact") or {}).get(artifact_file or "", None)
     if per:
-        return UncertaintyRule(float(per.get("temperature", 1.0)), per.get("threshold"), checks, not_a_cell)
-    return UncertaintyRule(float(unc.get("temperature", 1.0)), unc.get("threshold", 0.5), checks, not_a_cell)
+        return UncertaintyRule(float(per.get("temperature", 1.0)), per.get("threshold"), checks, not_a_cell, n,
+                               per.get("max_distance"))
+    dist = (unc.get("feature_distance") or {}).get("max_distance")
+    return UncertaintyRule(float(unc.get("temperature", 1.0)), unc.get("threshold", 0.5), checks, not_a_cell, n, dist)

@@ -35,6 +35,9 @@ class ExportConfig:
     stain_check: bool = True
     # the range is the training photos' 0.1st..99.9th percentile widened by this fraction of its span on each side
     stain_margin: float = 0.1
+    # append the feature distance (train.distance) to every graph but Core ML's; flag above this validation quantile
+    feature_distance: bool = True
+    distance_quantile: float = 0.95
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,7 +60,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stain-margin", type=float, default=0.1,
                    help="widen the fitted stain colour range by this fraction of its span on each side (default 0.1; "
                         "larger flags fewer photos of stains near the training stain)")
+    p.add_argument("--no-feature-distance", dest="feature_distance", action="store_false",
+                   help="do not append the feature distance to the exported graphs (default: append it; answers whose "
+                        "features lie far from every training class are flagged, README 'Cells from other labs')")
+    p.add_argument("--distance-quantile", type=float, default=0.95,
+                   help="flag distances above this quantile of the validation split's (default 0.95: 5%% of "
+                        "validation cells exceed it; each exported file gets its own threshold in verify)")
     return p
+
+
+def distance_record(val_out: np.ndarray, n_classes: int, quantile: float) -> dict:
+    """{"max_distance": ...} from a model's [N, C + 1] validation outputs; {} when it has no distance column."""
+    if val_out.ndim != 2 or val_out.shape[1] <= n_classes:
+        return {}
+    return {"max_distance": round(float(np.quantile(val_out[:, n_classes].astype(np.float64), quantile)), 5)}
 
 
 def uncertainty_record(val_logits: np.ndarray, labels: np.ndarray, target: float, kind: str = "logits",
@@ -129,7 +145,7 @@ def run_export(cfg: ExportConfig) -> Path:
     import torch
 
     from cellcore.quality import PictureChecks, stain_hue_range
-    from export.exporters import EXPORTERS, ExportContext
+    from export.exporters import EXPORTERS, ExportContext, with_distance_column
     from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from train.data import ImageCache, load_split_samples
     from train.engine import predict_logits, to_tensor_nchw
@@ -137,6 +153,8 @@ def run_export(cfg: ExportConfig) -> Path:
 
     if cfg.stain_margin < 0:
         raise ValueError(f"--stain-margin {cfg.stain_margin}: must be >= 0 (a fraction of the fitted range's span)")
+    if not 0 < cfg.distance_quantile < 1:
+        raise ValueError(f"--distance-quantile {cfg.distance_quantile}: must lie strictly between 0 and 1")
     unknown = [f for f in cfg.formats if f not in EXPORTERS]
     if unknown:
         raise ValueError(f"unknown format(s) {unknown}; valid: {', '.join(EXPORTERS)}")
@@ -165,8 +183,17 @@ def run_export(cfg: ExportConfig) -> Path:
     val = ImageCache.build(val_s, prep)
     log.info("[2/5] %d calibration images (training split), %d validation images", len(calib), len(val))
 
+    distance = None
+    if cfg.feature_distance:
+        from train.distance import fit_on_images
+
+        train_c = ImageCache.build(train_s, prep)
+        distance = fit_on_images(model, train_c.images, train_c.labels)
+        model.distance = distance  # every graph below (Core ML aside) outputs [B, C + 1]: logits, then the distance
+        log.info("      feature distance fitted on %d training images", len(train_c))
     with torch.no_grad():
-        val_logits = predict_logits(model, to_tensor_nchw(val.images), torch.device("cpu"))
+        val_out = predict_logits(model, to_tensor_nchw(val.images), torch.device("cpu")).numpy()
+    val_logits = torch.from_numpy(val_out[:, :len(classes)])
     hue = None
     if cfg.stain_check:
         # a fine-tuned run carries its parent's range widened by the new lab's cells; else fit it on the training split
@@ -177,6 +204,16 @@ def run_export(cfg: ExportConfig) -> Path:
     if unknown_cls:
         raise ValueError(f"--not-a-white-cell {unknown_cls}: not classes of this model; valid: {', '.join(classes)}")
     unc["not_a_white_cell"] = list(cfg.not_a_white_cell)
+    if distance is not None:
+        from train.distance import FILE
+
+        unc["feature_distance"] = {
+            "file": FILE, "column": len(classes), "quantile": cfg.distance_quantile,
+            **distance_record(val_out, len(classes), cfg.distance_quantile),
+            "fitted_on": f"training split ({len(train_c)} images)",
+            "rule": "uncertain if the output's column `column` (the smallest Mahalanobis distance of the features "
+                    "to a training class mean, per dimension) exceeds max_distance, this file's "
+                    f"{cfg.distance_quantile} quantile of the validation split's"}
     log.info("[3/5] temperature %.2f, uncertainty threshold %s (PyTorch; each format gets its own in verify)",
              unc["temperature"], unc["threshold"])
 
@@ -185,6 +222,9 @@ def run_export(cfg: ExportConfig) -> Path:
     _recover(out_dir)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
+    if distance is not None:
+        distance.save(stage / unc["feature_distance"]["file"])
+        unc["feature_distance"]["sha256"] = sha256_of(stage / unc["feature_distance"]["file"])
     version = cfg.version or f"{run_dir.name}-e{ckpt['epoch']}"
     metadata = {"arch": arch, "classes": ",".join(classes), "version": version, "input_size": str(prep.input_size),
                 "preprocessing": prep.resize, "notice": NOTICE}
@@ -194,7 +234,7 @@ def run_export(cfg: ExportConfig) -> Path:
     for i, name in enumerate(cfg.formats, 1):
         log.info("[4/5] (%d/%d) exporting %s ...", i, len(cfg.formats), name)
         try:
-            entries.append(EXPORTERS[name](ctx))
+            entries.append(with_distance_column(EXPORTERS[name](ctx), model, len(classes)))
         except Exception as exc:  # noqa: BLE001 - any exporter's failure (coremltools, torch.export, ...) is
             # that format's alone: recorded with its reason, the other formats are still written and verified
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
@@ -230,10 +270,12 @@ def run_export(cfg: ExportConfig) -> Path:
             "(the model does it)",
             f"lay out as NCHW [1, 3, {s}, {s}], RGB order",
         ]},
-        "output": {"name": "logits", "shape": [1, len(classes)],
+        "output": {"name": "logits", "shape": [1, len(classes) + (distance is not None)],
                    "meaning": "unnormalised class scores in the order of 'classes'; softmax gives probabilities"
                               + ("; already the mean over the 8 rotations/mirrors of the input (model.tta), so the app "
-                                 "runs the model once" if cfg.tta != "none" else "")},
+                                 "runs the model once" if cfg.tta != "none" else "")
+                              + ("; then one more column, the feature distance (uncertainty.feature_distance; Core ML "
+                                 "files have none)" if distance is not None else "")},
         "uncertainty": unc,
         "metrics": {"training": {k: v for k, v in ckpt.get("metrics", {}).items() if k != "report"}, "verify": {}},
         "dataset": {"name": Path(str(ckpt.get("config", {}).get("data", ""))).name,
@@ -269,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ExportConfig(run_dir=args.run_dir, formats=args.formats, calib_images=args.calib_images,
                        target_accuracy=args.target_accuracy, data=args.data, version=args.version,
                        not_a_white_cell=args.not_a_white_cell, tta=args.tta, stain_check=args.stain_check,
-                       stain_margin=args.stain_margin)
+                       stain_margin=args.stain_margin, feature_distance=args.feature_distance,
+                       distance_quantile=args.distance_quantile)
     try:
         run_export(cfg)
     except (CheckpointError, DatasetError, ManifestError, FileNotFoundError, ValueError, ExportFailed) as exc:

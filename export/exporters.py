@@ -21,7 +21,7 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 @dataclass
 class ExportContext:
-    model: torch.nn.Module          # eval mode; [B, 3, S, S] float32 in 0..1 -> [B, C] logits
+    model: torch.nn.Module          # eval mode; [B, 3, S, S] float32 in 0..1 -> [B, C] logits (+ distance column)
     arch: str
     classes: list[str]
     input_size: int
@@ -127,14 +127,15 @@ def export_xnnpack_int8(ctx: ExportContext) -> dict:
 # ----------------------------------------------------------------------------- Core ML
 
 class _WithSoftmax(torch.nn.Module):
-    """Core ML classifiers report probabilities; iOS apps read classLabel + the probability dict."""
+    """Core ML classifiers report probabilities; iOS apps read classLabel + the probability dict. A classifier
+    has one output per class, so the feature distance column (train.distance), if any, is left out."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, n_classes: int):
         super().__init__()
-        self.model = model
+        self.model, self.n_classes = model, n_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
+        return torch.softmax(self.model(x)[:, :self.n_classes], dim=1)
 
 
 def _export_coreml(ctx: ExportContext, precision: str) -> dict:
@@ -142,7 +143,7 @@ def _export_coreml(ctx: ExportContext, precision: str) -> dict:
 
     path = ctx.out_dir / f"{ctx.arch}_coreml_{precision}.mlpackage"
     # torch.jit.trace fails on timm's MobileViT; torch.export works.
-    ep = torch.export.export(_WithSoftmax(ctx.model).eval(), (ctx.example(1),)).run_decompositions({})
+    ep = torch.export.export(_WithSoftmax(ctx.model, len(ctx.classes)).eval(), (ctx.example(1),)).run_decompositions({})
     s = ctx.input_size
     mlmodel = ct.convert(
         ep,
@@ -164,7 +165,7 @@ def _export_coreml(ctx: ExportContext, precision: str) -> dict:
     log.info("coreml %s: ML Program saved (numerics can only be checked on macOS)", precision)
     e = _entry(path, "coreml", precision, "coreml", 1)
     e.update(input=INPUT_NAME, input_kind="image_rgb_scale_1/255", output="classLabel_probs",
-             output_kind="probabilities", label_output="classLabel")
+             output_kind="probabilities", label_output="classLabel", feature_distance_column=None)
     return e
 
 
@@ -179,6 +180,13 @@ def export_coreml_fp32(ctx: ExportContext) -> dict:
 def _entry(path: Path, fmt: str, precision: str, runtime: str, batch: int | str) -> dict:
     return {"file": path.name, "format": fmt, "precision": precision, "runtime": runtime, "batch": batch,
             "input": INPUT_NAME, "output": OUTPUT_NAME, "output_kind": "logits"}
+
+
+def with_distance_column(entry: dict, model: torch.nn.Module, n_classes: int) -> dict:
+    """Record in a logits artifact's entry which output column is the feature distance (None: it has none)."""
+    if entry.get("output_kind", "logits") == "logits":
+        entry["feature_distance_column"] = n_classes if getattr(model, "distance", None) is not None else None
+    return entry
 
 
 # Order matters: onnx_int8 starts from onnx_fp32.

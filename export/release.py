@@ -72,8 +72,8 @@ def pick_artifact(manifest: dict) -> dict:
 
 
 def export_is_current(run_dir: Path, tta: str = "none") -> bool:
-    """True when runs/NAME/export was made from this best.pt, with this test-time augmentation and the stain colour
-    check, and verified on the test split."""
+    """True when runs/NAME/export was made from this best.pt, with this test-time augmentation, the stain colour
+    check and the feature distance, and verified on the test split."""
     from cellcore.files import sha256_of
     from cellcore.manifest import ManifestError, read_manifest
 
@@ -84,6 +84,7 @@ def export_is_current(run_dir: Path, tta: str = "none") -> bool:
     return (m["model"].get("checkpoint_sha256") == sha256_of(run_dir / "best.pt")
             and m["model"].get("tta", "none") == tta
             and bool(((m.get("uncertainty") or {}).get("picture_checks") or {}).get("stain_hue"))
+            and bool((m.get("uncertainty") or {}).get("feature_distance"))
             and (m["metrics"].get("verify_source") or {}).get("split") == "test")
 
 

@@ -124,11 +124,13 @@ def stream_outputs(samples, prep, models: dict, checks, batch: int):
 
 
 def abstention(out: np.ndarray, y: np.ndarray, problems: list[list[str]], rule, kind: str) -> dict:
-    """Share flagged under `rule` and the accuracy of what is not flagged."""
+    """Share flagged under `rule` and the accuracy of what is not flagged (+ the share the feature distance flags)."""
     probs = rule.probabilities(out, kind)
-    flagged = rule.flagged(probs, problems)
+    dist = rule.distances(out)
+    flagged = rule.flagged(probs, problems, dist)
+    far = {} if dist is None else {"flagged_by_distance": float(np.mean([rule.far(d) for d in dist])) if len(y) else 0.0}
     kept = ~flagged
-    return {"flagged": float(flagged.mean()) if len(y) else 0.0,
+    return {"flagged": float(flagged.mean()) if len(y) else 0.0, **far,
             "accuracy_unflagged": float((probs.argmax(1) == y)[kept].mean()) if kept.any() else None}
 
 
@@ -162,7 +164,8 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
 
     from cellcore.quality import PictureChecks
     from cellcore.uncertainty import rule_for
-    from export.cli import uncertainty_record
+    from export.cli import distance_record, uncertainty_record
+    from train.distance import attach_from_export
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.metrics import report
 
@@ -179,6 +182,8 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     model, prep, classes = model_from_checkpoint(ckpt, ckpt_path, tta=manifest["model"].get("tta", "none"))
     if classes != manifest["classes"]:
         raise ManifestError(f"{export_dir}: manifest classes {manifest['classes']} differ from the checkpoint's")
+    attach_from_export(model, manifest, export_dir)  # the reference then outputs what the exported graphs output
+    n = len(classes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -215,8 +220,10 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
         per = unc.setdefault("per_artifact", {})
         for name, out in val_out.items():
             kind = "logits" if name == "best.pt" else output_kind(entries[name])
-            per[name] = {k: v for k, v in uncertainty_record(out, val_y, unc.get("target_accuracy", 0.99),
+            per[name] = {k: v for k, v in uncertainty_record(out[:, :n], val_y, unc.get("target_accuracy", 0.99),
                                                               kind).items() if k in keep}
+            if unc.get("feature_distance"):  # each file's own threshold: an int8 graph's distances are not fp32's
+                per[name].update(distance_record(out, n, unc["feature_distance"].get("quantile", 0.95)))
             per[name]["chosen_on"] = f"validation split ({len(val_y)} images)"
     log.info("verifying %d images from %s", len(samples.paths), source)
     times: dict[str, float] = {}
@@ -233,7 +240,7 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
                                                 checks, cfg.batch)
     ref = outs["best.pt"]
     ms = lambda name: times.get(name, 0.0) * 1000 / max(1, len(y))  # noqa: E731
-    ref_rep = report(y, ref.argmax(1), classes)
+    ref_rep = report(y, ref[:, :n].argmax(1), classes)
     rows = [{"format": "pytorch", "precision": "fp32", "file": "best.pt", "status": "reference",
              "size_mb": (run_dir / "best.pt").stat().st_size / 1e6, "accuracy": ref_rep["accuracy"],
              "macro_f1": ref_rep["macro_f1"], "agreement": 1.0, "max_abs_logit_diff": 0.0,
@@ -250,15 +257,18 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
         row = {"format": entry["format"], "precision": entry["precision"], "file": name,
                "size_mb": entry["size_bytes"] / 1e6, "max_abs_logit_diff": None, "note": ""}
         out, kind = outs[name], output_kind(entry)
-        pred = out.argmax(1)
+        pred = out[:, :n].argmax(1)
         rep = report(y, pred, classes)
-        row.update(accuracy=rep["accuracy"], macro_f1=rep["macro_f1"], agreement=float((pred == ref.argmax(1)).mean()),
+        row.update(accuracy=rep["accuracy"], macro_f1=rep["macro_f1"],
+                   agreement=float((pred == ref[:, :n].argmax(1)).mean()),
                    ms_per_image=ms(name), per_class=per_class_recall(rep),
                    **abstention(out, y, problems, rule_for(manifest, name), kind))
         if kind == "logits":
-            row["max_abs_logit_diff"] = float(np.abs(out - ref).max())
+            row["max_abs_logit_diff"] = float(np.abs(out[:, :n] - ref[:, :n]).max())
+            if out.shape[1] > n and ref.shape[1] > n:  # the feature distance: reported, gated through its own threshold
+                row["max_abs_distance_diff"] = float(np.abs(out[:, n] - ref[:, n]).max())
         else:  # probabilities (Core ML): compare against PyTorch's softmax
-            row["max_abs_prob_diff"] = float(np.abs(out - _softmax(ref)).max())
+            row["max_abs_prob_diff"] = float(np.abs(out - _softmax(ref[:, :n])).max())
         if entry["precision"] == "fp32":
             diff = row["max_abs_logit_diff"] if row["max_abs_logit_diff"] is not None else row["max_abs_prob_diff"]
             passed = row["agreement"] == 1.0 and diff <= FP32_MAX_LOGIT_DIFF
@@ -288,7 +298,8 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     # The app's About screen shows these numbers beside the data they come from. The run's own held-out
     # split is the canonical record; any other folder is kept under its own name and fingerprint.
     record = {r["file"]: {k: r.get(k) for k in ("format", "precision", "status", "accuracy", "accuracy_ci95",
-                                                 "macro_f1", "agreement", "flagged", "accuracy_unflagged",
+                                                 "macro_f1", "agreement", "flagged", "flagged_by_distance",
+                                                 "accuracy_unflagged",
                                                  "per_class")}
               for r in rows}
     about = {"source": source, "images": int(len(y)), "fingerprint": fingerprint}
@@ -324,7 +335,9 @@ def format_table(rows: list[dict], source: str, n: int) -> str:
             f"{r['max_abs_prob_diff']:.2e} (prob)" if r.get("max_abs_prob_diff") is not None else "–")
         lines.append(f"| {r['format']} | {r['precision']} | {r['status']} | {r['size_mb']:.2f} | "
                      f"{_ci(r)} | {_f(r['macro_f1'], '.4f')} | {_f(r['agreement'], '.4f')} | "
-                     f"{diff_s} | {_f(r.get('flagged'), '.1%')} | {_f(r.get('accuracy_unflagged'), '.4f')} | "
+                     f"{diff_s} | {_f(r.get('flagged'), '.1%')}"
+                     + (f" ({r['flagged_by_distance']:.1%} by distance)" if r.get("flagged_by_distance") is not None else "")
+                     + f" | {_f(r.get('accuracy_unflagged'), '.4f')} | "
                      f"{_f(r['ms_per_image'], '.2f')} | {r['gate']} | {r['note']} |")
     return "\n".join(lines)
 

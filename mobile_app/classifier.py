@@ -142,19 +142,26 @@ class CellClassifier:
                 self._runtime.close()
                 self._runtime = None
 
-    def probabilities(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """[1, 3, S, S] float32 in 0..1 -> ([C] probabilities, inference ms)."""
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """[1, 3, S, S] float32 in 0..1 -> (the model's output row, inference ms): [C] logits or probabilities,
+        then the feature distance if this file carries one (manifest artifacts[].feature_distance_column)."""
         runtime = self.load()
         manifest = self.manifest
         t0 = time.perf_counter()
         with self._lock:  # one inference at a time per session
-            out = runtime.run(x)  # [C] logits or probabilities
+            out = runtime.run(x)  # [C] or [C + 1]
         ms = (time.perf_counter() - t0) * 1e3
-        if out.shape != (len(manifest.classes),) or not np.all(np.isfinite(out)):
-            raise InferenceError(f"model returned {out.shape} values (expected {len(manifest.classes)} finite ones)")
+        assert self._artifact is not None
+        expected = len(manifest.classes) + (self._artifact.distance_column is not None)
+        if out.shape != (expected,) or not np.all(np.isfinite(out)):
+            raise InferenceError(f"model returned {out.shape} values (expected {expected} finite ones)")
+        return out, ms
+
+    def probabilities(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """[1, 3, S, S] float32 in 0..1 -> ([C] probabilities, inference ms)."""
+        out, ms = self.outputs(x)
         # calibrated: this model file's own temperature (cellcore.uncertainty), 1 for old manifests
-        probs = self.rule.probabilities(out, runtime.output_kind)
-        return probs, ms
+        return self.rule.probabilities(out, self._runtime.output_kind), ms
 
     @property
     def rule(self) -> UncertaintyRule:
@@ -181,9 +188,14 @@ class CellClassifier:
             image, (ox, oy) = decoded.rgb.crop(bounds), bounds[:2]  # where the cut-out sits in the photo
             picked = box_from_bounds(decoded.to_original(bounds))
         x = imaging.to_input(image, prep)  # [1, 3, S, S] float32 in 0..1
-        probs, ms = self.probabilities(x)
+        out, ms = self.outputs(x)
         rule = self.rule
+        probs = rule.probabilities(out, self._runtime.output_kind)
         problems = tuple(rule.checks.problems(image))
+        distance = rule.distances(out)
+        if rule.far(distance):  # rule step 5: confident or not, the features are unlike every training cell's
+            problems += (f"unlike the training cells (feature distance {float(distance):.2f} > "
+                         f"{rule.max_distance:.2f}): fine-tune on this lab's cells",)
         order = np.argsort(-probs, kind="stable")
         top = [(manifest.classes[i], float(probs[i])) for i in order[:TOP_K]]
         label, p = top[0]

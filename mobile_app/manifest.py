@@ -30,6 +30,7 @@ class Artifact:
     sha256: str
     size_bytes: int | None
     path: Path
+    distance_column: int | None = None  # the output column after the logits that holds the feature distance
 
     @property
     def present(self) -> bool:
@@ -105,7 +106,8 @@ def load_manifest(model_dir: Path | str) -> Manifest:
         file=e["file"], format=str(e["format"]), precision=str(e.get("precision", "fp32")),
         runtime=str(e.get("runtime", "")), input_name=_io_name(e.get("input"), default_in),
         output_name=_io_name(e.get("output"), default_out), output_kind=schema.output_kind(e),
-        sha256=str(e["sha256"]).lower(), size_bytes=e.get("size_bytes"), path=path.parent / e["file"])
+        sha256=str(e["sha256"]).lower(), size_bytes=e.get("size_bytes"), path=path.parent / e["file"],
+        distance_column=e.get("feature_distance_column"))
         for e in m["artifacts"]]
     return Manifest(path=path, classes=list(m["classes"]), input_size=m["preprocessing"]["input_size"],
                     threshold=None if threshold is None else float(threshold), artifacts=artifacts, raw=m,

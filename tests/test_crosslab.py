@@ -81,17 +81,22 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
     assert manifest["uncertainty"]["not_a_white_cell"] == ["platelet"]
     photos = sorted(pbc_sample.rglob("*.jpg"))[::7][:8] + sorted(crosslab.rglob("*.bmp"))[::40]
     x = torch.stack([torch.from_numpy(np.asarray(prep.apply(load_rgb(p)))).permute(2, 0, 1) for p in photos])
+    from train.distance import attach_from_export
+
+    assert attach_from_export(model, manifest, run / "export")  # the feature distance column, as exported
     with torch.no_grad():
-        ref = model.eval()(x.float() / 255).numpy()  # [N, C] logits, fed as training feeds the model
+        out = model.eval()(x.float() / 255).numpy()  # [N, C + 1], fed as training feeds the model
+    ref, dist = out[:, :len(classes)], out[:, len(classes)]  # logits, feature distance
     clf = CellClassifier(run / "export", fmt="onnx", platform="desktop")
     preds = [clf.classify(p) for p in photos]
     rule = rule_for(manifest, clf.artifact.file)
-    assert rule.not_a_cell == (classes.index("platelet"),) and clf.rule == rule
+    assert rule.not_a_cell == (classes.index("platelet"),) and clf.rule == rule and rule.max_distance > 0
     got = np.array([p.probabilities for p in preds])
     assert np.abs(got - softmax(ref, rule.temperature)).max() < 1e-4
-    for p, probs in zip(preds, got):
-        assert p.uncertain == rule.uncertain(float(probs.max()), p.problems, int(probs.argmax()))
+    for p, probs, d in zip(preds, got, dist):
+        assert p.uncertain == rule.uncertain(float(probs.max()), p.problems, int(probs.argmax()), d)
         assert (p.label == "platelet") <= p.uncertain  # a platelet answer is always flagged
+        assert rule.far(d) == any(pr.startswith("unlike the training cells") for pr in p.problems)
 
 
 def test_picture_checks_flag_non_cells_and_pass_real_cells(pbc_dev: Path, real_cells: list[Path], crosslab: Path,
@@ -145,6 +150,64 @@ def test_rule_per_artifact_and_fallback() -> None:
     assert rule_for(manifest, "m_int8.onnx").uncertain(0.999)  # null threshold: always uncertain
     assert UncertaintyRule(1.0, 0.5).uncertain(0.9, ["picture too blurred"])
     assert not UncertaintyRule(1.0, 0.5).uncertain(0.9)
+
+
+def test_feature_distance_column_is_rule_step_5() -> None:
+    """An output's column after the C logits is the feature distance: never a class score, flagged above the
+    file's max_distance; a file without the column (Core ML) or an old manifest is judged without it."""
+    manifest = {"classes": ["lymphocyte", "neutrophil"],
+                "uncertainty": {"threshold": 0.6, "feature_distance": {"column": 2, "max_distance": 1.5},
+                                "per_artifact": {"m_int8.pte": {"temperature": 1.0, "threshold": 0.6,
+                                                                "max_distance": 2.5},
+                                                 "m.mlpackage": {"temperature": 1.0, "threshold": 0.6}}}}
+    out = np.array([[4.0, 0.0, 2.0], [4.0, 0.0, 0.4], [0.0, 0.1, 9.0]], dtype=np.float32)  # logits, distance
+    fp32, int8, coreml = rule_for(manifest), rule_for(manifest, "m_int8.pte"), rule_for(manifest, "m.mlpackage")
+    probs = fp32.probabilities(out)
+    assert probs.shape == (3, 2) and np.allclose(probs, softmax(out[:, :2]))  # the distance is not a logit
+    assert fp32.distances(out).tolist() == pytest.approx([2.0, 0.4, 9.0])
+    assert fp32.flagged(probs, [[], [], []], fp32.distances(out)).tolist() == [True, False, True]
+    assert int8.flagged(probs, [[], [], []], int8.distances(out)).tolist() == [False, False, True]
+    assert coreml.max_distance is None and not coreml.far(9.0)
+    assert fp32.distances(out[:, :2]) is None  # a file without the column
+    assert rule_for({"classes": ["a", "b"], "uncertainty": {"threshold": 0.5}}).max_distance is None
+
+
+def test_feature_distance_is_mahalanobis_on_the_models_own_features(smoke_run: Path, pbc_sample: Path,
+                                                                     tmp_path: Path) -> None:
+    """train.distance on real features of a trained model: the graph's whitened form equals the textbook
+    min_c (f - mu_c)^T S^-1 (f - mu_c) / D with S the shrunk covariance, and the logits beside it are the
+    model's own, with TTA too."""
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.data import ImageCache, scan_onto_classes
+    from train.distance import FeatureDistance, fit_on_images
+
+    model, prep, classes = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"), tta="dihedral8")
+    cache = ImageCache.build(scan_onto_classes(pbc_sample, classes), prep)
+    x_all = torch.from_numpy(cache.images).permute(0, 3, 1, 2).float() / 255  # [N, 3, S, S] float32 in 0..1
+    with torch.no_grad():
+        all_f = model.eval().features(x_all).double().numpy()  # [N, D]
+    means = np.stack([all_f[cache.labels == c].mean(0) for c in range(len(classes))])
+    raw = np.cov((all_f - means[cache.labels]).T, bias=True)
+    x, f = x_all[::9], all_f[::9]
+    for shrink in (0.3, None):  # None: the default, D / N clipped to 0.01..1 (here 96 images < 320 dims: 1)
+        w = 1.0 if shrink is None else shrink
+        cov = (1 - w) * raw + w * np.trace(raw) / len(raw) * np.eye(len(raw))
+        inv = np.linalg.inv(cov)
+        want = np.min([np.einsum("nd,de,ne->n", f - m, inv, f - m) for m in means], axis=0) / f.shape[1]
+        dist = FeatureDistance.fit(all_f, cache.labels, shrink) if shrink else fit_on_images(model, cache.images,
+                                                                                              cache.labels)
+        with torch.no_grad():
+            model.distance = None
+            plain = model(x).numpy()
+            model.distance = dist
+            out = model(x).numpy()
+        assert out.shape == (len(x), len(classes) + 1) and np.abs(out[:, :-1] - plain).max() < 1e-4
+        assert np.allclose(out[:, -1], want, rtol=1e-3), np.abs(out[:, -1] / want - 1).max()
+    dist.save(tmp_path / "fd.npz")
+    loaded = FeatureDistance.load(tmp_path / "fd.npz")
+    assert torch.allclose(loaded(torch.from_numpy(f).float()), dist(torch.from_numpy(f).float()))
+    with pytest.raises(ValueError, match="at least 2 training images per class"):
+        FeatureDistance.fit(f[:3], np.array([0, 1, 1]))
 
 
 def test_not_a_white_cell_classes_are_always_flagged() -> None:
@@ -242,3 +305,24 @@ def test_noncell_measure_reports_stain_colour_per_folder(pbc_sample: Path, cross
     pbc_red = float(rows[0].split("|")[5].split("/")[1])
     other_red = float(rows[1].split("|")[5].split("/")[1])
     assert 0.39 < pbc_red < 0.56 and other_red < pbc_red  # PBC's blue-violet nuclei absorb more red
+
+
+def test_feature_distance_benchmark_tables_every_quantile(export_copy: Path, pbc_sample: Path, pbc_dev: Path,
+                                                          tmp_path: Path) -> None:
+    """`python -m benchmarks.feature_distance` on a real exported run: today's rule beside the rule plus the distance
+    at each validation quantile, on the test split, a labelled folder and non-cell pictures; more flagged, never less."""
+    from benchmarks.feature_distance import main
+    from benchmarks.noncell import write_set
+
+    write_set(pbc_dev, tmp_path / "noncell", per_kind=1)
+    out = tmp_path / "fd"
+    assert main(["--run-dir", str(export_copy), "--data", str(pbc_sample), "--noncell", str(tmp_path / "noncell"),
+                 "--quantiles", "0.5", "0.9", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert list(res["thresholds"]) == ["0.5", "0.9"] and res["thresholds"]["0.5"] < res["thresholds"]["0.9"]
+    for name in ("test split", pbc_sample.name):
+        s = res["sets"][name]
+        assert s["with_distance"]["0.5"]["flagged"] >= s["with_distance"]["0.9"]["flagged"] >= s["rule"]["flagged"]
+    assert res["noncell"]["images"] == 6 and res["noncell"]["with_distance"]["0.5"] >= res["noncell"]["rule"]
+    assert "+ distance > val q0.5" in out.with_suffix(".md").read_text()
+    assert main(["--run-dir", str(export_copy), "--quantiles", "1.5"]) == 2  # refused, named

@@ -77,6 +77,9 @@ class Classifier(nn.Module):
     `tta` "dihedral8" (eval mode only, so training never sees it) runs the backbone on the 8 rotations and mirrors of
     each image and returns the mean of their logits: still [B, num_classes] logits, so every exported format, the
     uncertainty rule and the app use it unchanged, at 8x the compute.
+
+    `distance` (train.distance.FeatureDistance, attached by export, eval only): forward then returns
+    [B, num_classes + 1], the logits and the features' distance to the training classes as the last column.
     """
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
@@ -89,6 +92,7 @@ class Classifier(nn.Module):
         self.input_norm = input_norm
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.distance: nn.Module | None = None  # train.distance.FeatureDistance, attached by export (not trained)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] float32 in 0..1 -> [B, 3, S, S] float32, what the backbone sees."""
@@ -114,14 +118,33 @@ class Classifier(nn.Module):
         return (x - mu) / sd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.distance is not None and not self.training:
+            # [B, C + 1]: the logits, then the feature distance (train.distance; set by export, eval only)
+            f = self.features(x)
+            return torch.cat([self.backbone.get_classifier()(f), self.distance(f)], dim=1)
         x = self.normalise(x)  # every input_norm is invariant to rotating or mirroring the image: normalise once
         if self.tta == "none" or self.training:
             return self.backbone(x)
         b = x.shape[0]
-        t = x.transpose(2, 3)
-        # the dihedral group of the square: identity, 3 mirrors/rot180, transpose, 2 rotations, anti-transpose
-        views = torch.cat([x, x.flip(3), x.flip(2), x.flip((2, 3)), t, t.flip(3), t.flip(2), t.flip((2, 3))])
-        return self.backbone(views).reshape(8, b, -1).mean(0)  # [8B, C] -> [B, C]
+        return self.backbone(dihedral_views(x)).reshape(8, b, -1).mean(0)  # [8B, C] -> [B, C]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] float32 in 0..1 -> [B, D] pooled features before the classifier layer, averaged over the
+        test-time views as forward averages the logits; the classifier layer is linear, so
+        backbone.get_classifier()(features(x)) equals forward(x) up to rounding."""
+        x = self.normalise(x)
+        if self.tta == "none" or self.training:
+            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        b = x.shape[0]
+        f = self.backbone.forward_head(self.backbone.forward_features(dihedral_views(x)), pre_logits=True)
+        return f.reshape(8, b, -1).mean(0)  # [8B, D] -> [B, D]
+
+
+def dihedral_views(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] -> [8B, 3, S, S]: the dihedral group of the square (identity, 3 mirrors/rot180, transpose,
+    2 rotations, anti-transpose), view-major, so reshape(8, B, ...) undoes it."""
+    t = x.transpose(2, 3)
+    return torch.cat([x, x.flip(3), x.flip(2), x.flip((2, 3)), t, t.flip(3), t.flip(2), t.flip((2, 3))])
 
 
 # Ruifrok & Johnston's haematoxylin direction in optical density (R, G, B), unit length: where od_aligned puts
