@@ -14,15 +14,17 @@ Schema version 1 (every key below is written by `python -m export`):
               "input_size": S, "resize": "center_square_crop_then_resize", "interpolation": "bilinear",
               "mean": [...], "std": [...], "normalization_in_model": true, ...,
               "app_steps": ["decode ...", ...]},          # what the app must do, in words
-  "output":  {"name": "logits", "shape": [1, C], "meaning": "..."},
+  "output":  {"name": "logits", "shape": [1, C] or [1, C + 1], "meaning": "..."},  # + the feature distance column
   "uncertainty": {"threshold": 0.8, "rule": "...", "target_accuracy": 0.99,
-                  "val_accuracy_at_or_above": 0.995, "val_coverage": 0.93},
+                  "val_accuracy_at_or_above": 0.995, "val_coverage": 0.93,
+                  "feature_distance": {"file": "feature_distance.npz", "column": C, "max_distance": 0.55, ...},
+                  "per_artifact": {"<artifact file>": {"temperature": ..., "threshold": ..., "max_distance": ...}}},
   "metrics": {"training": {"val_acc": ..., "val_macro_f1": ..., ...},
               "verify": {"<artifact file>": {"accuracy": ..., "macro_f1": ..., "agreement": ...}}},
   "dataset": {"name": "pbc_dev", "fingerprint": "...", "train_counts": {...}, "class_map": null},
   "artifacts": [{"file": "mobilevit_xxs_onnx_fp32.onnx", "format": "onnx", "precision": "fp32",
                  "runtime": "onnxruntime", "batch": "dynamic", "input": "image", "output": "logits",
-                 "output_kind": "logits", "size_bytes": 123, "sha256": "..."}, ...],
+                 "output_kind": "logits", "feature_distance_column": C, "size_bytes": 123, "sha256": "..."}, ...],
   "tools":   {"torch": "2.14.1", "onnx": ..., "onnxruntime": ..., "executorch": ..., "coremltools": ...},
   "notice":  "For research use only. Not a medical device; ..."
 }

@@ -142,8 +142,14 @@ def _export_coreml(ctx: ExportContext, precision: str) -> dict:
     import coremltools as ct
 
     path = ctx.out_dir / f"{ctx.arch}_coreml_{precision}.mlpackage"
-    # torch.jit.trace fails on timm's MobileViT; torch.export works.
-    ep = torch.export.export(_WithSoftmax(ctx.model, len(ctx.classes)).eval(), (ctx.example(1),)).run_decompositions({})
+    # A classifier has one output per class: the feature distance is left out of the graph, not computed and dropped.
+    distance, ctx.model.distance = getattr(ctx.model, "distance", None), None
+    try:
+        # torch.jit.trace fails on timm's MobileViT; torch.export works.
+        ep = torch.export.export(_WithSoftmax(ctx.model, len(ctx.classes)).eval(),
+                                 (ctx.example(1),)).run_decompositions({})
+    finally:
+        ctx.model.distance = distance
     s = ctx.input_size
     mlmodel = ct.convert(
         ep,

@@ -206,8 +206,10 @@ def test_feature_distance_is_mahalanobis_on_the_models_own_features(smoke_run: P
     dist.save(tmp_path / "fd.npz")
     loaded = FeatureDistance.load(tmp_path / "fd.npz")
     assert torch.allclose(loaded(torch.from_numpy(f).float()), dist(torch.from_numpy(f).float()))
-    with pytest.raises(ValueError, match="at least 2 training images per class"):
-        FeatureDistance.fit(f[:3], np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="more training images"):
+        FeatureDistance.fit(f[:2], np.array([0, 1]))
+    one = FeatureDistance.fit(f[:3], np.array([0, 1, 1]))  # one image of class 0 (a fine-tune's lone basophil)
+    assert torch.allclose(one.class_z[0], (torch.from_numpy(f[0]).float() - one.centre) @ one.proj.T, atol=1e-4)
 
 
 def test_not_a_white_cell_classes_are_always_flagged() -> None:

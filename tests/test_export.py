@@ -106,8 +106,7 @@ def test_runtime_parity_on_real_images(fmt: str, smoke_export: Path, val_batch) 
         assert 1e-5 < diff < 0.75 * spread.mean(), (diff, spread.mean())
         assert agree >= 0.9, agree
         # distances: much the same ranking of images, not the same numbers (each file gets its own threshold).
-        # Spearman measured: 0.75 for this barely trained smoke model's ONNX int8; 0.82 / 0.87 (ONNX / XNNPACK
-        # int8) for runs/odbg80's 529 validation images; unrelated rankings would give about 0
+        # Spearman measured: 0.75 for this barely trained smoke model's ONNX int8; unrelated rankings give about 0
         rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
         assert np.corrcoef(rank(out_d), rank(ref_d))[0, 1] > 0.6, np.corrcoef(rank(out_d), rank(ref_d))[0, 1]
 
@@ -314,7 +313,7 @@ def test_tta_export_is_the_mean_over_rotations_and_mirrors_in_every_runtime(fmt:
     from export.cli import main as export_main
 
     x, _, plain = val_batch
-    x = x[:12]
+    x, plain = x[:12], plain[:12, :-1]  # the logits; the last column is the feature distance
     ckpt = load_checkpoint(export_copy / "best.pt")
     model, _, _ = model_from_checkpoint(ckpt)
     views = [np.rot90(x, k, axes=(2, 3)) for k in range(4)]
@@ -325,14 +324,14 @@ def test_tta_export_is_the_mean_over_rotations_and_mirrors_in_every_runtime(fmt:
         got = tta_model(torch.from_numpy(x)).numpy()
         rotated = tta_model(torch.from_numpy(np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3))))).numpy()
     assert np.abs(got - expect).max() < 1e-4 and np.abs(rotated - got).max() < 1e-4
-    assert np.abs(got - plain[:12]).max() > 1e-3  # it is not the plain model's answer
+    assert np.abs(got - plain).max() > 1e-3  # it is not the plain model's answer
 
     assert export_main(["--run-dir", str(export_copy), "--formats", fmt, "--tta", "dihedral8",
                         "--calib-images", "32"]) == 0
     m = read_manifest(export_copy / "export")
     assert m["model"]["tta"] == "dihedral8" and "8 rotations" in m["output"]["meaning"]
     (entry,) = m["artifacts"]
-    out = _run(entry, export_copy / "export" / entry["file"], x)
+    out = _run(entry, export_copy / "export" / entry["file"], x)[:, :got.shape[1]]  # logits, then the distance
     tol = 1e-3 if entry["precision"] == "fp32" else 0.75 * float((got.max(1) - got.min(1)).mean())
     assert np.abs(out - got).max() < tol, entry["file"]
     with pytest.MonkeyPatch.context() as mp:

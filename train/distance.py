@@ -46,7 +46,8 @@ class FeatureDistance(nn.Module):
 
     @classmethod
     def fit(cls, feats: np.ndarray, labels: np.ndarray, shrink: float | None = None) -> "FeatureDistance":
-        """feats [N, D] of the training split, labels [N]; every class present needs at least 2 images.
+        """feats [N, D] of the training split, labels [N] (a class with one image has that image as its mean;
+        a fine-tuned run may have one basophil).
 
         shrink: weight of the isotropic part of the covariance; default D / N (at least 0.01, at most 1): a
         covariance estimated from few images per dimension has tiny, noisy eigenvalues that whitening would
@@ -54,9 +55,9 @@ class FeatureDistance(nn.Module):
         """
         feats, labels = np.asarray(feats, np.float64), np.asarray(labels)
         classes = np.unique(labels)
-        small = [int(c) for c in classes if (labels == c).sum() < 2]
-        if not len(classes) or small:
-            raise ValueError(f"fitting the feature distance needs at least 2 training images per class (classes {small})")
+        if len(feats) <= len(classes):
+            raise ValueError(f"fitting the feature distance needs more training images ({len(feats)}) than classes "
+                             f"({len(classes)}): the spread around the class means would be empty")
         means = np.stack([feats[labels == c].mean(0) for c in classes])  # [C', D], the classes present
         resid = feats - means[np.searchsorted(classes, labels)]
         cov = resid.T @ resid / len(feats)
