@@ -135,7 +135,10 @@ class _WithSoftmax(torch.nn.Module):
         self.model, self.n_classes = model, n_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x)[:, :self.n_classes], dim=1)
+        out = self.model(x)
+        if out.shape[1] > self.n_classes:  # decided while tracing; a no-op slice would be an `alias` Core ML refuses
+            out = out[:, :self.n_classes]
+        return torch.softmax(out, dim=1)
 
 
 def _export_coreml(ctx: ExportContext, precision: str) -> dict:
