@@ -147,7 +147,9 @@ class FakeObjC:
                 if value is None or value._image is None:
                     return None  # missing input 'image'
                 x = (value._image.astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1)[None]  # scale 1/255
-                (logits,) = self._sess.run(None, {self._sess.get_inputs()[0].name: np.ascontiguousarray(x)})
+                (out_row,) = self._sess.run(None, {self._sess.get_inputs()[0].name: np.ascontiguousarray(x)})
+                # the ONNX stand-in may carry the feature distance column after the logits; Core ML files do not
+                logits = out_row[:, :len(self._classes)]
                 z = np.exp(logits[0] - logits[0].max())
                 probs = z / z.sum()
                 out = MLDictionaryFeatureProvider()
