@@ -12,7 +12,7 @@ RESIZE_POLICIES = ("center_square_crop_then_resize", "cell_square_crop_then_resi
 INTERPOLATIONS = {"bilinear": Image.BILINEAR}
 
 # What the model does to its 0..1 input before the backbone (train.models.Classifier.normalise).
-INPUT_NORMS = ("imagenet", "od_instance", "rgb_instance", "od_background", "od_gray", "od_aligned")
+INPUT_NORMS = ("imagenet", "od_instance", "rgb_instance", "od_background", "od_gray", "od_aligned", "od_sharp")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

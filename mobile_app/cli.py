@@ -101,8 +101,11 @@ def _expand(paths: list[Path]) -> list[Path]:
     for p in paths:
         if p.is_dir():
             found = list_images(p)
+            if not found:  # a labelled folder (one subfolder per class, as training reads): its subfolders' images
+                found = [f for d in sorted(q for q in p.iterdir() if q.is_dir() and not q.name.startswith("."))
+                         for f in list_images(d)]
             if not found:
-                log.warning("%s: no images in this folder", p)
+                log.warning("%s: no images in this folder or its subfolders", p)
             out += found
         else:
             out.append(p)

@@ -84,6 +84,15 @@ def test_cli_json_and_folders(smoke_export: Path, pbc_dev: Path, tmp_path: Path,
     for r in rows:
         assert len(r["top"]) == 3 and r["top"][0][0] == r["label"] and r["inference_ms"] > 0
         assert r["uncertain"] == (bool(r["problems"]) or r["threshold"] is None or r["probability"] < r["threshold"])
+    # a labelled folder, one subfolder per class as training reads it: its subfolders' photos, in order
+    labelled = tmp_path / "labelled"
+    for p in img.real_images(pbc_dev, per_class=1)[:2]:
+        (labelled / p.parent.name).mkdir(parents=True)
+        (labelled / p.parent.name / p.name).write_bytes(p.read_bytes())
+    assert cli.main(["classify", "--json", "--model-dir", str(smoke_export), str(labelled)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["path"]).relative_to(labelled).as_posix() for r in rows] == sorted(
+        f.relative_to(labelled).as_posix() for f in labelled.rglob("*.jpg"))
 
 
 def test_bundle_copies_one_verified_model(smoke_export: Path, tmp_path: Path,

@@ -38,7 +38,8 @@ def crosslab(pbc_dev: Path) -> Path:
 
 
 @pytest.mark.parametrize("input_norm,invariant", [("od_instance", True), ("od_background", True), ("od_gray", True),
-                                                 ("od_aligned", True), ("rgb_instance", False), ("imagenet", False)])
+                                                 ("od_aligned", True), ("od_sharp", True), ("rgb_instance", False),
+                                                 ("imagenet", False)])
 def test_od_instance_norm_ignores_a_colour_cast(real_cells: list[Path], input_norm: str, invariant: bool) -> None:
     """A lamp's or camera's colour cast (a gain per channel) is an offset in optical density: od_instance removes it."""
     from train.models import create_model
@@ -52,6 +53,30 @@ def test_od_instance_norm_ignores_a_colour_cast(real_cells: list[Path], input_no
     # pixels darker than the 1/255 clamp after the cast are the only ones allowed to differ
     diff = (a - b).abs().amax().item()
     assert (diff < 1e-3) == invariant, f"{input_norm}: max difference {diff}"
+
+
+def test_sharpen_soft_lifts_another_labs_soft_crops_and_leaves_sharp_pbc_cells_alone(real_cells: list[Path],
+                                                                                    crosslab: Path) -> None:
+    """od_sharp's unsharp mask: another lab's soft camera crops come out about SHARPEN_TARGET sharp (the measure
+    is cellcore.quality's, the one the picture checks use), PBC's sharp cells are returned bit for bit, and it
+    commutes with the 8 rotations and mirrors (the test-time views share one normalisation)."""
+    from cellcore.quality import _sharpness
+    from train.models import SHARPEN_TARGET, dihedral_views, sharpen_soft, sharpness
+
+    soft = _batch(sorted(crosslab.rglob("*.bmp"))[::25])  # [12, 3, 64, 64]
+    x = torch.cat([soft, _batch(real_cells)])
+    before = sharpness(x)
+    ref = [_sharpness(np.asarray(im.permute(1, 2, 0).numpy() * 255, dtype=np.float32)) for im in x]
+    assert np.allclose(before.numpy(), ref, atol=1e-4)  # the graph measures what cellcore.quality measures
+    y = sharpen_soft(x)
+    after = sharpness(y)
+    lifted = before < SHARPEN_TARGET
+    assert lifted[:len(soft)].sum() >= len(soft) - 2 and lifted[len(soft):].sum() <= 2
+    assert ((after[lifted] > 0.9 * SHARPEN_TARGET) & (after[lifted] <= SHARPEN_TARGET + 1e-4)).all(), after[lifted]
+    assert torch.equal(y[~lifted], x[~lifted])
+    n = len(x)
+    views = sharpen_soft(dihedral_views(x)).reshape(8, n, *x.shape[1:])
+    assert (views - dihedral_views(y).reshape(8, n, *x.shape[1:])).abs().max() < 1e-5
 
 
 def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: Path, crosslab: Path,

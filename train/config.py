@@ -36,7 +36,7 @@ class TrainConfig:
     label_smoothing: float = 0.0    # the paper: plain cross-entropy
     grad_clip: float = 0.0          # >0: clip the gradient's global norm to this (0: off, the paper)
     augment: str = "cells"          # see train.augment.AUGMENTS
-    input_norm: str = "imagenet"    # see train.models.Classifier: imagenet | od_instance | rgb_instance
+    input_norm: str = "imagenet"    # see train.models.Classifier (cellcore.preprocess.INPUT_NORMS)
     crop: str = "center"            # center: largest centred square; cell: square around the nucleus (any lab's framing)
     cell_fill: float = 0.55         # crop=cell: the nucleus spans this fraction of the square
     cell_min_side: float = 0.2      # crop=cell: the square is at least this share of the photo's short side
@@ -148,7 +148,8 @@ FIELD_HELP = {
     "lr": "peak learning rate", "min_lr": "cosine floor", "weight_decay": "AdamW/SGD weight decay (not on norms, biases)",
     "optimizer": "optimizer", "schedule": "after warm-up", "warmup_epochs": "linear warm-up epochs",
     "label_smoothing": "cross-entropy label smoothing", "augment": "batch augmentation (train/augment.py)",
-    "input_norm": "normalisation inside the model (od_instance: stain normalisation)",
+    "input_norm": "normalisation inside the model (od_background: white-balanced optical density; od_sharp: the same "
+                  "after lifting soft pictures to a fixed sharpness; train.models.Classifier)",
     "crop": "center: largest centred square; cell: square around the nucleus",
     "cell_fill": "with --crop cell: share of the square's side the nucleus spans",
     "grad_clip": "clip the gradient's global L2 norm to this before each step (0: off)",

@@ -73,6 +73,11 @@ class Classifier(nn.Module):
       nuclear dye's hue is set the same for every lab, while the cytoplasm's hue relative to it (an
       eosinophil's orange granules) is kept. A one-stain Macenko normalisation, smooth and in the graph
       (measured worse on the other lab for the same reason; README "Cells from other labs").
+    - "od_sharp": od_background after `sharpen_soft`: a picture softer than SHARPEN_TARGET is unsharp-masked
+      until it is about that sharp, a sharp one is left alone. Another lab's camera crops are softer than any
+      PBC white cell, and PBC's softest classes (erythroblast, platelet) drew them; in the graph, so training
+      applies it after augmentation (a blurred training picture is sharpened like a soft photo) and no
+      exported format or app needs a new step.
 
     `tta` "dihedral8" (eval mode only, so training never sees it) runs the backbone on the 8 rotations and mirrors of
     each image and returns the mean of their logits: still [B, num_classes] logits, so every exported format, the
@@ -98,7 +103,9 @@ class Classifier(nn.Module):
         """[B, 3, S, S] float32 in 0..1 -> [B, 3, S, S] float32, what the backbone sees."""
         if self.input_norm == "imagenet":
             return (x - self.mean) / self.std
-        if self.input_norm in ("od_background", "od_gray", "od_aligned"):
+        if self.input_norm == "od_sharp":
+            x = sharpen_soft(x)
+        if self.input_norm in ("od_background", "od_gray", "od_aligned", "od_sharp"):
             # white-balanced optical density: each channel's background (its clearest 5x5 region) is zero, and one
             # scale for all channels keeps the ratios between them (the stain's hue) that od_instance equalises
             od = -torch.log(x.clamp(min=1.0 / 255.0))
@@ -175,6 +182,65 @@ def align_nucleus_hue(od: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(3, dtype=od.dtype, device=od.device).expand_as(vx)
     rot = eye + vx + vx @ vx / (1 + c).clamp(min=1e-3).view(-1, 1, 1)
     return torch.einsum("bij,bjhw->bihw", rot, od)
+
+
+# od_sharp: the sharpness (cellcore.quality's measure, on the model input) every picture is lifted to. 0.2 is about
+# the softest 5% of PBC's white cells at 64 px (lymphocytes and erythroblasts lie lower, other labs' camera
+# crops at a median of 0.11); SHARPEN_SIGMA is the unsharp mask's Gaussian, in input pixels.
+SHARPEN_TARGET = 0.2
+SHARPEN_SIGMA = 1.5
+SHARPEN_MAX = 8.0  # at most x8 the high-pass: a nearly flat picture is not turned into noise
+
+
+def _gauss_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    r = int(2 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=dtype, device=device)
+    g = torch.exp(-t * t / (2 * sigma * sigma))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(3, 1, -1, -1)  # [3, 1, k, k] depthwise
+
+
+def _lap_abs(lum: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] -> [B] mean |4-neighbour Laplacian| over the interior."""
+    c = lum[:, :, 1:-1, 1:-1]
+    lap = 4 * c - lum[:, :, :-2, 1:-1] - lum[:, :, 2:, 1:-1] - lum[:, :, 1:-1, :-2] - lum[:, :, 1:-1, 2:]
+    return lap.abs().mean(dim=(1, 2, 3))
+
+
+def _std(lum: torch.Tensor) -> torch.Tensor:
+    return (lum - lum.mean(dim=(1, 2, 3), keepdim=True)).pow(2).mean(dim=(1, 2, 3)).sqrt()
+
+
+def sharpness(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] in 0..1 -> [B] cellcore.quality._sharpness of each picture: mean |Laplacian| of the luminance
+    (0..255) over its standard deviation + 1."""
+    lum = x.mean(dim=1, keepdim=True) * 255.0
+    return _lap_abs(lum) / (_std(lum) + 1.0)
+
+
+def sharpen_soft(x: torch.Tensor, target: float = SHARPEN_TARGET, sigma: float = SHARPEN_SIGMA,
+                 steps: int = 3) -> torch.Tensor:
+    """[B, 3, S, S] float32 in 0..1 -> same, unsharp-masked x + a * (x - blur(x)) with a per-picture amount a >= 0
+    that brings the sharpness up to about `target` (a = 0 for a picture already that sharp).
+
+    The sharpness grows about linearly with a, at most by s_h = |Laplacian of the high-pass| / (std + 1) per unit,
+    so `steps` updates a += (target - s(a)) / s_h approach the target from below. All plain tensor ops (conv, abs,
+    mean, clamp): it exports to every format and commutes with rotations and mirrors (symmetric kernels,
+    replicate padding), so the test-time views can share it.
+    """
+    k = _gauss_kernel(sigma, x.dtype, x.device)
+    pad = k.shape[-1] // 2
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate"), k, groups=3)
+    high = x - blur                                                        # [B, 3, S, S] high-pass
+    lum = x.mean(dim=1, keepdim=True) * 255.0
+    s0 = _lap_abs(lum) / (_std(lum) + 1.0)                                 # [B]
+    sh = _lap_abs(high.mean(dim=1, keepdim=True) * 255.0) / (_std(lum) + 1.0) + 1e-3
+    a = torch.zeros_like(s0)
+    for _ in range(steps):
+        s = sharpness((x + a.view(-1, 1, 1, 1) * high).clamp(0.0, 1.0))
+        a = (a + (target - s).clamp(min=0) / sh).clamp(max=SHARPEN_MAX)
+    a = torch.where(s0 >= target, torch.zeros_like(a), a)
+    return (x + a.view(-1, 1, 1, 1) * high).clamp(0.0, 1.0)
 
 
 def create_model(arch: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
