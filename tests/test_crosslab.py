@@ -97,9 +97,9 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
     ckpt = load_checkpoint(run / "best.pt")
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     assert (prep.resize, prep.input_norm, prep.cell_min_side, ckpt["config"]["augment"],
-            ckpt["config"]["grad_clip"]) == ("cell_square_crop_then_resize", "od_background", 0.45, "robust_soft", 1.0)
+            ckpt["config"]["grad_clip"]) == ("cell_square_crop_then_resize", "od_sharp", 0.45, "robust_soft", 1.0)
     model, prep2, classes = model_from_checkpoint(ckpt)
-    assert model.input_norm == "od_background" and prep2 == prep
+    assert model.input_norm == "od_sharp" and prep2 == prep
     assert export_main(["--run-dir", str(run), "--formats", "onnx_fp32", "--not-a-white-cell", "platelet"]) == 0
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert Preprocessing.from_dict(manifest["preprocessing"]) == prep

@@ -80,7 +80,7 @@ def test_help_names_defaults_and_choices_and_print_config_trains_nothing(tmp_pat
     run = tmp_path / "never"
     assert main(["--data", "x", "--run-dir", str(run), "--preset", "crosslab", "--lr", "0.004", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert (cfg["lr"], cfg["crop"], cfg["input_norm"]) == (0.004, "cell", "od_background") and not run.exists()
+    assert (cfg["lr"], cfg["crop"], cfg["input_norm"]) == (0.004, "cell", "od_sharp") and not run.exists()
 
 
 def test_reloading_a_runs_config_gives_the_identical_config(smoke_run: Path) -> None:
