@@ -1,6 +1,8 @@
 """Model registry (an allow-list, as timm's create_model) and the normalising wrapper that gets exported."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,6 +52,44 @@ def create_backbone(name: str, num_classes: int) -> nn.Module:
     return getattr(torchvision.models, ctor)(weights=None, num_classes=num_classes)
 
 
+class InputNorm(nn.Module):
+    """The input normalisation of Classifier (see there), as a module without parameters or saved state.
+
+    Being a module gives its operations a name in every exported graph ("norm"), so the int8 exports leave them
+    in fp32: a sharpness measure, a high-pass or a background level is a small difference of pixel values that
+    8 bits would lose. It holds no tensors, so checkpoints stay as they were.
+    """
+
+    def __init__(self, input_norm: str):
+        super().__init__()
+        self.input_norm = input_norm
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] float32 in 0..1 -> [B, 3, S, S] float32, what the backbone sees."""
+        if self.input_norm == "imagenet":
+            return (x - mean) / std
+        if self.input_norm == "od_sharp":
+            x = sharpen_soft(x)
+        if self.input_norm in ("od_background", "od_gray", "od_aligned", "od_sharp"):
+            # white-balanced optical density: each channel's background (its clearest 5x5 region) is zero, and one
+            # scale for all channels keeps the ratios between them (the stain's hue) that od_instance equalises
+            od = -torch.log(x.clamp(min=1.0 / 255.0))
+            bg = torch.nn.functional.avg_pool2d(od, 5, stride=1).amin(dim=(2, 3), keepdim=True)
+            od = od - bg
+            if self.input_norm == "od_gray":
+                od = od.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)  # [B, 1, S, S] -> [B, 3, S, S]
+            elif self.input_norm == "od_aligned":
+                od = align_nucleus_hue(od)
+            mu = od.mean(dim=(1, 2, 3), keepdim=True)
+            sd = (od - mu).pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-4).sqrt()
+            return (od - mu) / sd
+        if self.input_norm == "od_instance":
+            x = -torch.log(x.clamp(min=1.0 / 255.0))  # optical density, 0 (white) .. 5.5 (black)
+        mu = x.mean(dim=(2, 3), keepdim=True)
+        sd = (x - mu).pow(2).mean(dim=(2, 3), keepdim=True).add(1e-4).sqrt()
+        return (x - mu) / sd
+
+
 class Classifier(nn.Module):
     """[B, 3, S, S] float32 RGB in 0..1 -> [B, num_classes] logits.
 
@@ -97,32 +137,13 @@ class Classifier(nn.Module):
         self.input_norm = input_norm
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        # its own (parameter-free) module so that int8 exports can find it and keep it in fp32 (export.exporters)
+        self.norm = InputNorm(input_norm)
         self.distance: nn.Module | None = None  # train.distance.FeatureDistance, attached by export (not trained)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] float32 in 0..1 -> [B, 3, S, S] float32, what the backbone sees."""
-        if self.input_norm == "imagenet":
-            return (x - self.mean) / self.std
-        if self.input_norm == "od_sharp":
-            x = sharpen_soft(x)
-        if self.input_norm in ("od_background", "od_gray", "od_aligned", "od_sharp"):
-            # white-balanced optical density: each channel's background (its clearest 5x5 region) is zero, and one
-            # scale for all channels keeps the ratios between them (the stain's hue) that od_instance equalises
-            od = -torch.log(x.clamp(min=1.0 / 255.0))
-            bg = torch.nn.functional.avg_pool2d(od, 5, stride=1).amin(dim=(2, 3), keepdim=True)
-            od = od - bg
-            if self.input_norm == "od_gray":
-                od = od.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)  # [B, 1, S, S] -> [B, 3, S, S]
-            elif self.input_norm == "od_aligned":
-                od = align_nucleus_hue(od)
-            mu = od.mean(dim=(1, 2, 3), keepdim=True)
-            sd = (od - mu).pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-4).sqrt()
-            return (od - mu) / sd
-        if self.input_norm == "od_instance":
-            x = -torch.log(x.clamp(min=1.0 / 255.0))  # optical density, 0 (white) .. 5.5 (black)
-        mu = x.mean(dim=(2, 3), keepdim=True)
-        sd = (x - mu).pow(2).mean(dim=(2, 3), keepdim=True).add(1e-4).sqrt()
-        return (x - mu) / sd
+        return self.norm(x, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.distance is not None and not self.training:
@@ -192,12 +213,19 @@ SHARPEN_SIGMA = 1.5
 SHARPEN_MAX = 8.0  # at most x8 the high-pass: a nearly flat picture is not turned into noise
 
 
-def _gauss_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """[B, C, H, W] -> same, a separable Gaussian (radius round(2 sigma)) with the edge pixels repeated.
+
+    Written as weighted sums of shifted slices with Python-number weights rather than a convolution: no
+    kernel tensor for torch.export to lift and no convolution for an int8 quantiser to claim.
+    """
     r = int(2 * sigma + 0.5)
-    t = torch.arange(-r, r + 1, dtype=dtype, device=device)
-    g = torch.exp(-t * t / (2 * sigma * sigma))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(3, 1, -1, -1)  # [3, 1, k, k] depthwise
+    w = [math.exp(-t * t / (2 * sigma * sigma)) for t in range(-r, r + 1)]
+    w = [v / sum(w) for v in w]
+    h, wd = x.shape[-2:]
+    xp = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")     # [B, C, H + 2r, W + 2r]
+    rows = sum(w[i] * xp[:, :, :, i:i + wd] for i in range(2 * r + 1))  # [B, C, H + 2r, W]
+    return sum(w[i] * rows[:, :, i:i + h, :] for i in range(2 * r + 1))  # [B, C, H, W]
 
 
 def _lap_abs(lum: torch.Tensor) -> torch.Tensor:
@@ -224,14 +252,11 @@ def sharpen_soft(x: torch.Tensor, target: float = SHARPEN_TARGET, sigma: float =
     that brings the sharpness up to about `target` (a = 0 for a picture already that sharp).
 
     The sharpness grows about linearly with a, at most by s_h = |Laplacian of the high-pass| / (std + 1) per unit,
-    so `steps` updates a += (target - s(a)) / s_h approach the target from below. All plain tensor ops (conv, abs,
+    so `steps` updates a += (target - s(a)) / s_h approach the target from below. All plain tensor ops (slices, abs,
     mean, clamp): it exports to every format and commutes with rotations and mirrors (symmetric kernels,
     replicate padding), so the test-time views can share it.
     """
-    k = _gauss_kernel(sigma, x.dtype, x.device)
-    pad = k.shape[-1] // 2
-    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate"), k, groups=3)
-    high = x - blur                                                        # [B, 3, S, S] high-pass
+    high = x - gaussian_blur(x, sigma)  # [B, 3, S, S] high-pass
     lum = x.mean(dim=1, keepdim=True) * 255.0
     s0 = _lap_abs(lum) / (_std(lum) + 1.0)                                 # [B]
     sh = _lap_abs(high.mean(dim=1, keepdim=True) * 255.0) / (_std(lum) + 1.0) + 1e-3
