@@ -73,7 +73,8 @@ def pick_artifact(manifest: dict) -> dict:
 
 def export_is_current(run_dir: Path, tta: str = "none") -> bool:
     """True when runs/NAME/export was made from this best.pt, with this test-time augmentation, the stain colour
-    check and the feature distance, and verified on the test split."""
+    check and the feature distance, and verified on the test split with every format exported and none failed
+    (a failure may be fixed by new export code: exporting again is the only way to know)."""
     from cellcore.files import sha256_of
     from cellcore.manifest import ManifestError, read_manifest
 
@@ -85,7 +86,9 @@ def export_is_current(run_dir: Path, tta: str = "none") -> bool:
             and m["model"].get("tta", "none") == tta
             and bool(((m.get("uncertainty") or {}).get("picture_checks") or {}).get("stain_hue"))
             and bool((m.get("uncertainty") or {}).get("feature_distance"))
-            and (m["metrics"].get("verify_source") or {}).get("split") == "test")
+            and (m["metrics"].get("verify_source") or {}).get("split") == "test"
+            and not m.get("failed_formats")
+            and all(v.get("status") != "FAILED" for v in (m["metrics"].get("verify") or {}).values()))
 
 
 def compare(old: dict | None, new: dict, file: str) -> str:

@@ -206,8 +206,10 @@ def align_nucleus_hue(od: torch.Tensor) -> torch.Tensor:
 
 
 # od_sharp: the sharpness (cellcore.quality's measure, on the model input) every picture is lifted to. 0.2 is about
-# the softest 5% of PBC's white cells at 64 px (lymphocytes and erythroblasts lie lower, other labs' camera
-# crops at a median of 0.11); SHARPEN_SIGMA is the unsharp mask's Gaussian, in input pixels.
+# the 5th percentile of PBC's granulocytes, monocytes and basophils at 64 px (0.21-0.24; lymphocytes 0.14,
+# erythroblasts 0.11); the other lab's crops have medians of 0.06-0.13 (`python -m benchmarks.noncell --measure
+# ../shared/data/pbc_dev ../shared/data/crosslab_dev --by-class --crop-size 64 --min-side 0.45`).
+# SHARPEN_SIGMA is the unsharp mask's Gaussian, in input pixels.
 SHARPEN_TARGET = 0.2
 SHARPEN_SIGMA = 1.5
 SHARPEN_MAX = 8.0  # at most x8 the high-pass: a nearly flat picture is not turned into noise
