@@ -100,8 +100,21 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
             ckpt["config"]["grad_clip"]) == ("cell_square_crop_then_resize", "od_sharp", 0.45, "robust_soft", 1.0)
     model, prep2, classes = model_from_checkpoint(ckpt)
     assert model.input_norm == "od_sharp" and prep2 == prep
-    assert export_main(["--run-dir", str(run), "--formats", "onnx_fp32", "--not-a-white-cell", "platelet"]) == 0
+    assert export_main(["--run-dir", str(run), "--formats", "onnx_fp32", "onnx_int8", "--calib-images", "16",
+                        "--not-a-white-cell", "platelet"]) == 0
     manifest = json.loads((run / "export" / "manifest.json").read_text())
+    # od_sharp's unsharp mask (Mul, Add: ops the int8 quantiser would take) stays fp32 in the int8 file
+    import onnx
+
+    from export.exporters import input_norm_nodes
+
+    norm = set(input_norm_nodes(run / "export" / "mobilevit_xxs_onnx_fp32.onnx"))
+    graph = onnx.load(str(run / "export" / "mobilevit_xxs_onnx_int8.onnx")).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    assert len(norm) > 100 and len(norm) == sum(n.name in norm for n in graph.node)
+    assert not [n.name for n in graph.node if n.name in norm and any(producer.get(i) == "DequantizeLinear"
+                                                                        for i in n.input)]
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) > 50  # the backbone is int8
     assert Preprocessing.from_dict(manifest["preprocessing"]) == prep
     assert manifest["uncertainty"]["not_a_white_cell"] == ["platelet"]
     photos = sorted(pbc_sample.rglob("*.jpg"))[::7][:8] + sorted(crosslab.rglob("*.bmp"))[::40]

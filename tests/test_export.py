@@ -111,6 +111,19 @@ def test_runtime_parity_on_real_images(fmt: str, smoke_export: Path, val_batch) 
         assert np.corrcoef(rank(out_d), rank(ref_d))[0, 1] > 0.6, np.corrcoef(rank(out_d), rank(ref_d))[0, 1]
 
 
+def test_xnnpack_int8_filter_leaves_the_input_normalisation_in_fp32(smoke_run: Path) -> None:
+    """The PT2E filter the XNNPACK int8 export uses refuses exactly the nodes of the model's InputNorm (the ONNX
+    side: test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs)."""
+    from export.exporters import _outside_input_norm
+
+    model, _, _ = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"))
+    nodes = [n for n in torch.export.export(model.eval(), (torch.rand(1, 3, 64, 64),)).graph.nodes
+             if n.op == "call_function"]
+    refused = [n for n in nodes if not _outside_input_norm(n)]
+    assert refused and len(refused) < len(nodes) // 4
+    assert all("norm" in [fqn for fqn, _ in n.meta["nn_module_stack"].values()] for n in refused)
+
+
 def test_verify_command_writes_tables_and_gates(smoke_export: Path, pbc_sample: Path, capsys) -> None:
     from export.verify import main
 
