@@ -46,6 +46,11 @@ class Preprocessing:
     # cell_square_crop_then_resize: the square is at least this share of the photo's short side, so a
     # small stained object (a platelet clump, a pyknotic nucleus) is not blown up to a white cell's size
     cell_min_side: float = 0.2
+    # cell_square_crop_then_resize: the square is at most this share of the photo's short side. 1.6 (the
+    # default, what every manifest before this field meant) lets a big nucleus in a tight crop frame a square
+    # past the photo's border, filled by repeating the edge pixels: streaks no PBC field ever shows. 1.0 keeps
+    # the square within the photo's short side (the crosslab preset).
+    cell_max_side: float = 1.6
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_POLICIES:
@@ -58,6 +63,8 @@ class Preprocessing:
             raise ValueError(f"cell_fill must be in 0.1..1, got {self.cell_fill}")
         if not 0.05 <= self.cell_min_side <= 1.0:
             raise ValueError(f"cell_min_side must be in 0.05..1, got {self.cell_min_side}")
+        if not max(self.cell_min_side, 0.5) <= self.cell_max_side <= 1.6:
+            raise ValueError(f"cell_max_side must be in max(cell_min_side, 0.5)..1.6, got {self.cell_max_side}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32, got {self.input_size}")
 
@@ -69,7 +76,7 @@ class Preprocessing:
     def box_for(self, img: Image.Image) -> tuple[int, int, int, int]:
         """The square that becomes the model input, in the image's pixels (may reach past its edges)."""
         if self.resize == "cell_square_crop_then_resize":
-            return cell_box(img, self.cell_fill, min_side=self.cell_min_side)
+            return cell_box(img, self.cell_fill, min_side=self.cell_min_side, max_side=self.cell_max_side)
         return self.crop_box(*img.size)
 
     def apply(self, img: Image.Image) -> Image.Image:
@@ -103,7 +110,8 @@ def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int, res
     return Image.fromarray(arr).resize((size, size), resample, box=(left + pad, top + pad, right + pad, bottom + pad))
 
 
-def cell_box(img: Image.Image, fill: float = 0.55, work: int = 96, min_side: float = 0.2) -> tuple[int, int, int, int]:
+def cell_box(img: Image.Image, fill: float = 0.55, work: int = 96, min_side: float = 0.2,
+             max_side: float = 1.6) -> tuple[int, int, int, int]:
     """The square centred on the stained nucleus nearest the centre, sized so the nucleus spans `fill` of it.
 
     Why: labs frame cells differently (PBC: the cell is about a third of a 360 px field; other labs'
@@ -132,7 +140,7 @@ def cell_box(img: Image.Image, fill: float = 0.55, work: int = 96, min_side: flo
         x0, x1 = np.percentile(xs, [2, 98])
         cx, cy = (x0 + x1 + 1) / 2 / scale, (y0 + y1 + 1) / 2 / scale
         extent = max(x1 - x0 + 1, y1 - y0 + 1) / scale
-        side = min(max(extent / fill, min_side * side_full), 1.6 * side_full)
+        side = min(max(extent / fill, min_side * side_full), max_side * side_full)
     side_i = max(8, int(round(side)))
     left, top = int(round(cx - side_i / 2)), int(round(cy - side_i / 2))
     return (left, top, left + side_i, top + side_i)

@@ -264,7 +264,8 @@ def run_export(cfg: ExportConfig) -> Path:
             ("crop the largest centred square: side = min(w, h), left = (w - side) // 2, top = (h - side) // 2"
              if prep.resize == "center_square_crop_then_resize" else
              f"crop the square around the nucleus nearest the centre (cellcore.preprocess.cell_box, nucleus spans "
-             f"{prep.cell_fill} of the side, the side at least {prep.cell_min_side} of the photo's short side; edge pixels repeated past the photo's border)"),
+             f"{prep.cell_fill} of the side, the side at least {prep.cell_min_side} and at most {prep.cell_max_side} of the photo's short side; edge pixels "
+             f"repeated past the photo's border)"),
             f"resize that square to {s} x {s} with Pillow's bilinear filter (Image.resize(..., box=square))",
             "convert to float32 and divide by 255 (values 0..1); do NOT subtract mean or divide by std "
             "(the model does it)",

@@ -97,7 +97,7 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
     ckpt = load_checkpoint(run / "best.pt")
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     assert (prep.resize, prep.input_norm, prep.cell_min_side, ckpt["config"]["augment"],
-            ckpt["config"]["grad_clip"]) == ("cell_square_crop_then_resize", "od_sharp", 0.45, "robust_soft", 1.0)
+            ckpt["config"]["grad_clip"], prep.cell_max_side) == ("cell_square_crop_then_resize", "od_sharp", 0.45, "robust_soft", 1.0, 1.0)
     model, prep2, classes = model_from_checkpoint(ckpt)
     assert model.input_norm == "od_sharp" and prep2 == prep
     assert export_main(["--run-dir", str(run), "--formats", "onnx_fp32", "onnx_int8", "--calib-images", "16",
@@ -282,9 +282,30 @@ def test_cell_crop_never_shrinks_below_its_minimum_side(pbc_dev: Path, min_side:
         assert min(sides["platelet"]) < 0.45  # the old default zooms into platelets
 
 
-def test_preprocessing_rejects_a_bad_cell_min_side() -> None:
-    with pytest.raises(ValueError, match="cell_min_side"):
-        Preprocessing(64, resize="cell_square_crop_then_resize", cell_min_side=0.0)
+@pytest.mark.parametrize("bad, match", [(dict(cell_min_side=0.0), "cell_min_side"),
+                                        (dict(cell_max_side=2.0), "cell_max_side"),
+                                        (dict(cell_min_side=0.7, cell_max_side=0.6), "cell_max_side")])
+def test_preprocessing_rejects_a_bad_cell_side(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Preprocessing(64, resize="cell_square_crop_then_resize", **bad)
+
+
+def test_cell_crop_stays_within_the_photo_at_max_side_1(crosslab: Path) -> None:
+    """The other lab's cells fill their crops, so a nucleus-framed square reaches past the photo (up to 1.6x
+    its short side, edge pixels repeated); with cell_max_side 1.0 it is at most the short side, and PBC's
+    fields, whose cells are small, are framed exactly as before."""
+    from train.data import load_rgb
+
+    old = Preprocessing(64, resize="cell_square_crop_then_resize", cell_min_side=0.45)
+    new = Preprocessing(64, resize="cell_square_crop_then_resize", cell_min_side=0.45, cell_max_side=1.0)
+    past = 0
+    for p in sorted((crosslab / "monocyte").glob("*.bmp"))[:12]:
+        rgb = load_rgb(p)
+        l, t, r, b = old.box_for(rgb)
+        past += (r - l) > min(rgb.size)
+        l, t, r, b = new.box_for(rgb)
+        assert r - l == b - t <= min(rgb.size), p.name
+    assert past >= 3  # the old bound does reach past these photos
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def preprocessing_of(cfg: TrainConfig) -> Preprocessing:
 
     return Preprocessing(cfg.image_size, mean=cfg.mean, std=cfg.std, input_norm=cfg.input_norm,
                          resize=CROPS[cfg.crop], cell_fill=cfg.cell_fill,
-                         cell_min_side=cfg.cell_min_side)
+                         cell_min_side=cfg.cell_min_side, cell_max_side=cfg.cell_max_side)
 
 
 def to_tensor_nchw(images: np.ndarray) -> torch.Tensor:
