@@ -387,3 +387,30 @@ def test_feature_distance_benchmark_tables_every_quantile(export_copy: Path, pbc
     assert res["noncell"]["images"] == 6 and res["noncell"]["with_distance"]["0.5"] >= res["noncell"]["rule"]
     assert "+ distance > val q0.5" in out.with_suffix(".md").read_text()
     assert main(["--run-dir", str(export_copy), "--quantiles", "1.5"]) == 2  # refused, named
+
+
+def test_crop_probe_as_trained_equals_evaluate_and_reframes(pbc_sample: Path, crosslab: Path, smoke_run: Path,
+                                                             tmp_path: Path) -> None:
+    """benchmarks.crop_probe: its as-trained row is exactly train.evaluate's accuracy (same crop, same model), other
+    framings change what the model is shown, and a centre-crop run is refused with its reason."""
+    from benchmarks.crop_probe import probe, to_markdown
+    from train.cli import main
+    from train.evaluate import evaluate
+
+    run = tmp_path / "xl"
+    assert main(["--data", str(pbc_sample), "--run-dir", str(run), "--preset", "crosslab", "--epochs", "1",
+                 "--warmup-epochs", "0", "--max-steps-per-epoch", "2", "--batch-size", "16", "--plots", "false"]) == 0
+    lab = tmp_path / "lab"
+    for cls in ("lymphocyte", "neutrophil"):
+        (lab / cls).mkdir(parents=True)
+        for p in sorted((crosslab / cls).glob("*.bmp"))[:6]:
+            (lab / cls / p.name).symlink_to(p)
+    rows = probe(run, [str(lab)], fills=[0.55, 0.8], max_sides=[1.0], gray=True, tta="none")
+    assert [(r["cell_fill"], r["gray"], r["trained"]) for r in rows] == [(0.55, False, True), (0.8, False, False),
+                                                                         (0.55, True, False)]
+    assert rows[0]["lab"]["accuracy"] == pytest.approx(evaluate(run / "best.pt", str(lab), run)["accuracy"])
+    assert rows[0]["pbc test"]["accuracy"] == pytest.approx(evaluate(run / "best.pt", None, run)["accuracy"])
+    assert rows[0]["lab"]["n"] == 12 and set(rows[0]["lab"]["recall"]) == {"lymphocyte", "neutrophil"}
+    assert "(as trained)" in to_markdown(rows, run, "none")
+    with pytest.raises(ValueError, match="nucleus-centred"):
+        probe(smoke_run, [], None, None)
