@@ -230,7 +230,7 @@ def _symmetries(img):
 
 
 @pytest.mark.parametrize("name", ["cells", "dihedral", "robust", "robust_cell", "robust_mild", "robust_soft",
-                                  "robust_soft_colour", "robust_soft_dye", "robust_strong"])
+                                  "robust_soft_colour", "robust_soft_dye", "robust_soft_defocus", "robust_strong"])
 def test_augmentations_on_real_cells(name: str, pbc_sample: Path) -> None:
     import torch
 
@@ -262,3 +262,30 @@ def test_augmentations_on_real_cells(name: str, pbc_sample: Path) -> None:
     if name == "dihedral":
         # Lossless: every output is one of the 8 symmetries of its input, pixel for pixel (no resampling blur).
         assert all(any(torch.equal(b, s) for s in _symmetries(a)) for a, b in zip(x, y))
+
+
+@pytest.mark.parametrize("radius", [0.8, 1.6, 2.4])
+def test_defocus_blur_is_a_normalised_disk_and_softens_real_cells(radius: float, pbc_sample: Path) -> None:
+    """robust_soft_defocus: a point spreads into a flat disk of the drawn radius (weights summing to 1 per
+    channel), and a real cell gets softer by cellcore's sharpness measure."""
+    import torch
+
+    from train.augment import RobustAugment
+    from train.models import sharpness
+
+    aug = RobustAugment(p_disk=1.0, blur_disk=(radius, radius))
+    rnd = lambda *shape: torch.rand(shape, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    point = torch.zeros(1, 3, 17, 17)
+    point[..., 8, 8] = 1.0
+    z = aug._disk(point, point.clone(), torch.ones(1, dtype=torch.bool), rnd)[0, 0]
+    assert float(z.sum()) == pytest.approx(1.0, abs=1e-5)
+    yy, xx = torch.nonzero(z > 0, as_tuple=True)
+    assert float(((yy - 8) ** 2 + (xx - 8) ** 2).float().sqrt().max()) <= radius + 0.5 + 1e-6
+    inner = z[8, 8 + int(radius) - 1] if radius >= 1 else z[8, 8]
+    assert float(inner) == pytest.approx(float(z[8, 8]))  # flat inside, unlike a Gaussian
+
+    paths = sorted(p for p in pbc_sample.rglob("*.jpg"))[:8]
+    x = torch.stack([torch.from_numpy(np.asarray(Preprocessing(input_size=64).apply(load_rgb(p)))).permute(2, 0, 1)
+                     for p in paths]).float() / 255
+    y = aug._disk(x, x.clone(), torch.ones(len(x), dtype=torch.bool), rnd)
+    assert (sharpness(y) < 0.8 * sharpness(x)).all()

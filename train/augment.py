@@ -177,6 +177,11 @@ class RobustAugment:
     lowres: tuple[float, float] = (0.3, 0.8)     # side fraction before upsampling back
     p_noise: float = 0.25
     noise: float = 0.03
+    # Share of the blurred images whose blur is a microscope's defocus (a uniform disk of radius blur_disk px at
+    # the input size) instead of a Gaussian: a disk keeps a flat core and a hard-edged spread, as an out-of-focus
+    # camera crop does, where a Gaussian fades smoothly. 0: Gaussian only (every preset before it).
+    p_disk: float = 0.0
+    blur_disk: tuple[float, float] = (0.8, 2.4)
 
     def __call__(self, x: torch.Tensor, src: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -263,8 +268,29 @@ class RobustAugment:
         k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)             # [n*3, 2r+1]
         z = F.pad(y.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
         z = F.conv2d(z, k.view(n * c, 1, 1, -1), groups=n * c)
-        z = F.conv2d(z, k.view(n * c, 1, -1, 1), groups=n * c)
-        return z.view(n, c, h, w)
+        z = F.conv2d(z, k.view(n * c, 1, -1, 1), groups=n * c).view(n, c, h, w)
+        if self.p_disk:
+            z = self._disk(y, z, on, rnd)
+        return z
+
+    def _disk(self, y: torch.Tensor, z: torch.Tensor, on: torch.Tensor, rnd) -> torch.Tensor:
+        """Replace a share p_disk of the blurred images by a defocus (disk) blur of the unblurred y."""
+        n, c, h, w = y.shape
+        disk = on & (rnd(n) < self.p_disk)
+        if not disk.any():
+            return z
+        m = int(disk.sum())
+        radius = rnd(m) * (self.blur_disk[1] - self.blur_disk[0]) + self.blur_disk[0]   # [m] px
+        r = int(math.ceil(self.blur_disk[1]))
+        t = torch.arange(-r, r + 1, device=y.device, dtype=y.dtype)
+        dist = (t.view(-1, 1) ** 2 + t.view(1, -1) ** 2).sqrt()                      # [2r+1, 2r+1]
+        # anti-aliased disk: full weight inside the radius, a one-pixel linear ramp at its edge
+        k = (radius.view(-1, 1, 1) + 0.5 - dist).clamp(0, 1)                          # [m, 2r+1, 2r+1]
+        k = (k / k.sum((1, 2), keepdim=True)).repeat_interleave(c, 0).unsqueeze(1)    # [m*3, 1, 2r+1, 2r+1]
+        src = F.pad(y[disk].reshape(1, m * c, h, w), (r, r, r, r), mode="reflect")
+        z = z.clone()
+        z[disk] = F.conv2d(src, k, groups=m * c).view(m, c, h, w)
+        return z
 
     def _lowres(self, y: torch.Tensor, rnd) -> torch.Tensor:
         """Down-and-up-sampling (a small camera crop enlarged), per image at one of a few sizes."""
@@ -302,6 +328,10 @@ AUGMENTS = {
     # px at the model input: at 64 px, 0.3..1.6 is 0.6..3.2 px at 128, where other labs' crops sit at ~1.5..2.5).
     "robust_soft": RobustAugment(p_clean=0.2, zoom=(0.75, 1.1), shift=0.05, p_blur=0.7, blur_sigma=(0.3, 1.6),
                                  p_lowres=0.4, p_gray=0.15),
+    # robust_soft with half of the blurred images defocused by a disk (radius 0.8-2.4 px at the input size)
+    # instead of a Gaussian: another lab's out-of-focus crops have a flat core and a hard spread.
+    "robust_soft_defocus": RobustAugment(p_clean=0.2, zoom=(0.75, 1.1), shift=0.05, p_blur=0.7,
+                                         blur_sigma=(0.3, 1.6), p_lowres=0.4, p_gray=0.15, p_disk=0.5),
     # robust_soft plus wider stain and colour (nuclei from blue-violet to red-violet, casts). Measured worse on
     # crosslab_dev (21% vs 37% at 20 epochs, README): kept so the comparison can be rerun.
     "robust_soft_colour": RobustAugment(p_clean=0.2, zoom=(0.75, 1.1), shift=0.05, p_blur=0.7, blur_sigma=(0.3, 1.6),
