@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="candidates run at once (default 1: timings alone)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--name", default="tune_cpu", help="table name: <out>/<name>.md/.json")
+    p.add_argument("--tta", default="none", choices=("none", "dihedral8"), help="test-time augmentation of every "
+                   "evaluation (train.evaluate --tta)")
     return p
 
 
-def summarise(run_dir: Path, flags: str, wall: float, eval_data: list[str]) -> dict:
-    """Best-epoch metrics from metrics.csv plus the best checkpoint's accuracy on each eval folder."""
+def summarise(run_dir: Path, flags: str, wall: float, eval_data: list[str], tta: str = "none") -> dict:
+    """Best-epoch metrics from metrics.csv plus the best checkpoint's accuracy on its held-out split ("split": the
+    test part, or val for a run without one) and on each eval folder, with per-class recall."""
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     best = max(rows, key=lambda r: float(r["val_macro_f1"]))
     out = {"flags": flags, "wall_s": round(wall, 1), "epochs": len(rows), "best_epoch": int(best["epoch"]),
@@ -52,12 +56,14 @@ def summarise(run_dir: Path, flags: str, wall: float, eval_data: list[str]) -> d
         name = Path(folder).name if folder else "val"
         rep_path = run_dir / "eval" / f"{name}.json"
         rc = subprocess.call([sys.executable, "-m", "train.evaluate", "--run-dir", str(run_dir),
-                              *(["--data", folder] if folder else []), "--out", str(rep_path),
+                              *(["--data", folder] if folder else []), "--out", str(rep_path), "--tta", tta,
                               "--save-logits", str(rep_path.with_suffix(".npz"))], stdout=subprocess.DEVNULL)
-        if rc == 0 and folder:
+        if rc == 0:
             rep = json.loads(rep_path.read_text())
-            out["eval"][name] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}
-        elif rc != 0:
+            out["eval"][name if folder else "split"] = {
+                "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"], "tta": tta,
+                "recall": {c: round(v["recall"], 4) for c, v in rep["per_class"].items() if v["support"]}}
+        else:
             log.error("%s: evaluation on %s failed (exit %d)", run_dir, folder, rc)
     return out
 
@@ -76,30 +82,39 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "train", "--data", args.data, "--run-dir", str(run_dir),
                "--preset", args.base_preset, *shlex.split(flags)]
         pending.append((name, flags, run_dir, cmd))
+    # A slot is held by a candidate while it trains and while its evaluations run (in a thread, so candidates that
+    # finish together are evaluated together, not one after another).
     running: list[tuple[str, str, Path, subprocess.Popen, float]] = []
+    evaluating: list[tuple[str, Future]] = []
     failed = 0
-    while pending or running:
-        while pending and len(running) < max(1, args.parallel):
-            name, flags, run_dir, cmd = pending.pop(0)
-            log.info("%s: %s", name, " ".join(cmd))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            logf = open(run_dir / "tune_stdout.log", "w")
-            running.append((name, flags, run_dir, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT),
-                            time.time()))
-        time.sleep(2)
-        for item in list(running):
-            name, flags, run_dir, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode != 0:
-                log.error("%s failed (exit %d); see %s", name, proc.returncode, run_dir / "tune_stdout.log")
-                failed += 1
-                continue
-            results[name] = summarise(run_dir, flags, time.time() - t0, args.eval_data)
-            log.info("%s: %s", name, json.dumps(results[name]))
-            results_path.write_text(json.dumps(results, indent=1))
-            write_table(results, out / f"{args.name}.md", args)
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        while pending or running or evaluating:
+            while pending and len(running) + len(evaluating) < max(1, args.parallel):
+                name, flags, run_dir, cmd = pending.pop(0)
+                log.info("%s: %s", name, " ".join(cmd))
+                run_dir.mkdir(parents=True, exist_ok=True)
+                logf = open(run_dir / "tune_stdout.log", "w")
+                running.append((name, flags, run_dir, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT),
+                                time.time()))
+            time.sleep(2)
+            for item in list(running):
+                name, flags, run_dir, proc, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                if proc.returncode != 0:
+                    log.error("%s failed (exit %d); see %s", name, proc.returncode, run_dir / "tune_stdout.log")
+                    failed += 1
+                    continue
+                evaluating.append((name, pool.submit(summarise, run_dir, flags, time.time() - t0, args.eval_data,
+                                                     args.tta)))
+            for item in [e for e in evaluating if e[1].done()]:
+                evaluating.remove(item)
+                name = item[0]
+                results[name] = item[1].result()
+                log.info("%s: %s", name, json.dumps(results[name]))
+                results_path.write_text(json.dumps(results, indent=1))
+                write_table(results, out / f"{args.name}.md", args)
     print((out / f"{args.name}.md").read_text() if (out / f"{args.name}.md").exists() else "no results")
     return 1 if failed else 0
 
@@ -107,15 +122,17 @@ def main(argv: list[str] | None = None) -> int:
 def write_table(results: dict, path: Path, args: argparse.Namespace) -> None:
     evals = sorted({k for r in results.values() for k in r.get("eval", {})})
     head = ("| candidate | flags | wall min | s/epoch | epochs | best val acc | macro-F1 | final val acc | "
-            + "".join(f"{e} acc | {e} macro-F1 | " for e in evals))
+            + "".join(f"{e} acc | {e} macro-F1 | " for e in evals) + "recall per class (eval folders) |")
     lines = [f"# training recipe candidates ({platform.processor() or platform.machine()}, {os.cpu_count()} cores"
              f"{', parallel ' + str(args.parallel) if args.parallel > 1 else ''})", "", head,
-             "|" + "---|" * (8 + 2 * len(evals))]
+             "|" + "---|" * (9 + 2 * len(evals))]
     for name, r in results.items():
         ev = "".join(f"{r['eval'][e]['accuracy']:.4f} | {r['eval'][e]['macro_f1']:.4f} | " if e in r.get("eval", {})
                      else "- | - | " for e in evals)
+        rec = "; ".join(f"{e}: " + " ".join(f"{c[:4]} {v:.2f}" for c, v in r["eval"][e].get("recall", {}).items())
+                        for e in evals if e != "split" and e in r.get("eval", {}))
         lines.append(f"| {name} | `{r['flags']}` | {r['wall_s'] / 60:.1f} | {r.get('epoch_s', 0):.1f} | {r['epochs']} "
-                     f"| {r['val_acc']:.4f} | {r['val_macro_f1']:.4f} | {r['final_val_acc']:.4f} | {ev}")
+                     f"| {r['val_acc']:.4f} | {r['val_macro_f1']:.4f} | {r['final_val_acc']:.4f} | {ev}{rec} |")
     path.write_text("\n".join(lines) + "\n")
 
 

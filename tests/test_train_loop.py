@@ -51,6 +51,8 @@ def test_preset_resolution_and_overrides(caplog) -> None:
 @pytest.mark.parametrize("argv,expected", [
     (["--arch", "vit_huge"], "valid: mobilevit_xxs, mobilevit_xs, mobilevit_s, resnet50"),
     (["--augment", "mixup"], "valid: none, cells"),
+    (["--mixstyle", "1.5"], "mixstyle is a probability in 0..1, got 1.5"),
+    (["--mixstyle", "0.5", "--arch", "resnet50"], "mixstyle needs one of mobilevit_xxs"),
 ])
 def test_bad_options_list_valid_choices(argv: list[str], expected: str, pbc_sample: Path, tmp_path: Path,
                                         caplog) -> None:

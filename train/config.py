@@ -42,6 +42,7 @@ class TrainConfig:
     cell_min_side: float = 0.2      # crop=cell: the square is at least this share of the photo's short side
     cell_max_side: float = 1.6      # crop=cell: ... and at most this share (1.6: may reach past the photo's border)
     ema_decay: float = 0.0          # 0 disables the weight EMA
+    mixstyle: float = 0.0           # share of images whose early feature statistics are mixed (train.mixstyle; 0: off)
     val_fraction: float = 0.1       # chooses best.pt and the uncertainty threshold
     test_fraction: float = 0.1      # held out for the final numbers (80/10/10); 0: the paper's 90/10
     seed: int = 0
@@ -78,6 +79,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.mixstyle <= 1.0:
+            raise ValueError(f"mixstyle is a probability in 0..1, got {self.mixstyle}")
+        if self.mixstyle > 0:
+            from train.mixstyle import MIXSTYLE_LAYERS
+
+            if self.arch not in MIXSTYLE_LAYERS:
+                raise ValueError(f"mixstyle needs one of {', '.join(MIXSTYLE_LAYERS)}; arch is {self.arch!r}")
         if not self.data:
             raise ValueError("no dataset given: pass --data <folder or .zip> (make train DATA=...)")
 
@@ -161,7 +169,9 @@ FIELD_HELP = {
     "cell_min_side": "with --crop cell: smallest square, as a share of the photo's short side",
     "cell_max_side": "with --crop cell: largest square, as a share of the photo's short side (above 1, the square "
                      "reaches past the photo's border, filled by repeating its edge pixels)",
-    "ema_decay": "weight EMA decay (0: off)", "val_fraction": "validation share per class (model selection)",
+    "ema_decay": "weight EMA decay (0: off)",
+    "mixstyle": "MixStyle: share of training images whose early feature statistics (style) are mixed with another "
+                "image's (0: off; training only, nothing exported changes)", "val_fraction": "validation share per class (model selection)",
     "test_fraction": "test share per class, never trained on or selected with (0: the paper's 90/10)", "seed": "split and batches",
     "workers": "processes decoding images", "device": "where to train", "amp": "mixed precision on GPU",
     "amp_dtype": "auto: bf16 on GPUs that have it natively (compute capability >= 8.0), fp16 + GradScaler on older "

@@ -203,6 +203,10 @@ def fit(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     log.info("%s: %.2fM parameters, %d classes", cfg.arch, count_params(model) / 1e6, len(classes))
+    if cfg.mixstyle > 0:
+        from train.mixstyle import attach_mixstyle
+
+        attach_mixstyle(model, cfg.arch, cfg.mixstyle)  # training-mode hooks; checkpoints and exports never see them
     # After the model: what is left of the GPU's memory decides whether the images live there.
     batches = TrainBatches(train_c.images, train_c.labels, train_c.sources, device)
     val_x = val_y = None
