@@ -43,7 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def summarise(run_dir: Path, flags: str, wall: float, eval_data: list[str], tta: str = "none") -> dict:
+def summarise(run_dir: Path, flags: str, wall: float, eval_data: list[str], tta: str = "none",
+              one_thread: bool = False) -> dict:
     """Best-epoch metrics from metrics.csv plus the best checkpoint's accuracy on its held-out split ("split": the
     test part, or val for a run without one) and on each eval folder, with per-class recall."""
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
@@ -57,7 +58,10 @@ def summarise(run_dir: Path, flags: str, wall: float, eval_data: list[str], tta:
         rep_path = run_dir / "eval" / f"{name}.json"
         rc = subprocess.call([sys.executable, "-m", "train.evaluate", "--run-dir", str(run_dir),
                               *(["--data", folder] if folder else []), "--out", str(rep_path), "--tta", tta,
-                              "--save-logits", str(rep_path.with_suffix(".npz"))], stdout=subprocess.DEVNULL)
+                              "--save-logits", str(rep_path.with_suffix(".npz"))], stdout=subprocess.DEVNULL,
+                             # one thread each when several run at once: a dozen evaluations on 16 cores took
+                             # minutes with torch's default of one thread per core each (H200 job, round 3)
+                             env={**os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {})})
         if rc == 0:
             rep = json.loads(rep_path.read_text())
             out["eval"][name if folder else "split"] = {
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed += 1
                     continue
                 evaluating.append((name, pool.submit(summarise, run_dir, flags, time.time() - t0, args.eval_data,
-                                                     args.tta)))
+                                                     args.tta, args.parallel > 1)))
             for item in [e for e in evaluating if e[1].done()]:
                 evaluating.remove(item)
                 name = item[0]

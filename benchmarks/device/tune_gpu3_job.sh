@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for round 3 of tune_gpu.sh (from the repository root; carry .gpu_data and .whl, made as in
-# tune_gpu.sh's header: the half of pbc_dev, a copy of crosslab_dev, the torchsampler wheel). Copies the table and
-# each run's metrics into $OUT every 20 s, so a call cut short still returns what finished.
+# tune_gpu.sh's header: the half of pbc_dev, a copy of crosslab_dev, the torchsampler wheel). Packs the table and
+# each run's metrics, logs and evaluation reports into $OUT/tune_gpu3.tgz every 20 s, so a call cut short still
+# returns what finished (one archive: a device call returns only a few files).
 set -uo pipefail
 OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -12,10 +13,8 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$OUT/gpu_util.csv" &
 smi=$!
 collect() {
-  cp runs/gpu/tune_gpu3.* "$OUT/" 2>/dev/null
-  for d in runs/gpu/tune_*/; do
-    n=$(basename "$d"); cp "$d/metrics.csv" "$OUT/${n}_metrics.csv" 2>/dev/null; tail -3 "$d/tune_stdout.log" > "$OUT/${n}_tail.log" 2>/dev/null
-  done
+  tar czf "$OUT/tune_gpu3.tgz.tmp" --ignore-failed-read runs/gpu/tune_gpu3.* runs/gpu/tune_*/{metrics.csv,train.log,tune_stdout.log} \
+    runs/gpu/tune_*/eval/*.json 2>/dev/null && mv "$OUT/tune_gpu3.tgz.tmp" "$OUT/tune_gpu3.tgz"
 }
 ( while sleep 20; do collect; done ) &
 loop=$!
@@ -24,6 +23,5 @@ timeout "${TUNE_TIMEOUT:-520}" bash benchmarks/device/tune_gpu.sh .gpu_data/pbc_
 rc=$?
 kill $loop $smi 2>/dev/null
 collect
-cp runs/gpu/tune_base_s0/train.log "$OUT/base_s0_train.log" 2>/dev/null
 tail -c 3000 "$OUT/tune.log"
 exit $rc
