@@ -405,12 +405,34 @@ def test_crop_probe_as_trained_equals_evaluate_and_reframes(pbc_sample: Path, cr
         (lab / cls).mkdir(parents=True)
         for p in sorted((crosslab / cls).glob("*.bmp"))[:6]:
             (lab / cls / p.name).symlink_to(p)
-    rows = probe(run, [str(lab)], fills=[0.55, 0.8], max_sides=[1.0], gray=True, tta="none")
-    assert [(r["cell_fill"], r["gray"], r["trained"]) for r in rows] == [(0.55, False, True), (0.8, False, False),
-                                                                         (0.55, True, False)]
+    rows = probe(run, [str(lab)], fills=[0.55, 0.8], max_sides=[1.0], gray=True, tta="none", nucleus_only=True)
+    assert [(r["cell_fill"], r["gray"], r["nucleus_only"], r["trained"]) for r in rows] == [
+        (0.55, False, False, True), (0.8, False, False, False), (0.55, True, False, False), (0.55, False, True, False)]
     assert rows[0]["lab"]["accuracy"] == pytest.approx(evaluate(run / "best.pt", str(lab), run)["accuracy"])
     assert rows[0]["pbc test"]["accuracy"] == pytest.approx(evaluate(run / "best.pt", None, run)["accuracy"])
     assert rows[0]["lab"]["n"] == 12 and set(rows[0]["lab"]["recall"]) == {"lymphocyte", "neutrophil"}
     assert "(as trained)" in to_markdown(rows, run, "none")
+    assert "nucleus only" in to_markdown(rows, run, "none")
     with pytest.raises(ValueError, match="nucleus-centred"):
         probe(smoke_run, [], None, None)
+
+
+def test_nucleus_only_keeps_the_nucleus_and_paints_the_rest_one_colour(crosslab: Path, pbc_dev: Path) -> None:
+    """benchmarks.crop_probe --nucleus-only on real cells of both labs: the darkest (nucleus) pixels are unchanged,
+    the palest are all one colour, and a good share of the picture is repainted."""
+    from benchmarks.crop_probe import _nucleus_only
+    from cellcore.preprocess import Preprocessing
+    from train.data import load_rgb
+
+    prep = Preprocessing(input_size=64, resize="cell_square_crop_then_resize", cell_min_side=0.45, cell_max_side=1.0)
+    paths = sorted((crosslab / "lymphocyte").glob("*.bmp"))[:3] + sorted((pbc_dev / "lymphocyte").glob("*"))[:3]
+    images = np.stack([np.asarray(prep.apply(load_rgb(p))) for p in paths])   # [6, 64, 64, 3] uint8
+    out = _nucleus_only(images)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    for img, o in zip(images, out):
+        red_od = -np.log(np.maximum(img[..., 0].astype(np.float32), 1) / 255)
+        nucleus = red_od > 0.8 * np.percentile(red_od, 99.5)  # surely nucleus: near the darkest red density
+        assert np.array_equal(o[nucleus], img[nucleus])
+        changed = (o != img).any(-1)
+        assert 0.2 < changed.mean() < 0.95
+        assert len(np.unique(o[changed], axis=0)) == 1
