@@ -436,3 +436,30 @@ def test_nucleus_only_keeps_the_nucleus_and_paints_the_rest_one_colour(crosslab:
         changed = (o != img).any(-1)
         assert 0.2 < changed.mean() < 0.95
         assert len(np.unique(o[changed], axis=0)) == 1
+
+
+def test_tune_runs_candidates_in_parallel_and_reports_per_class_recall(pbc_sample: Path, crosslab: Path,
+                                                                       tmp_path: Path) -> None:
+    """benchmarks.tune_cpu_preset: two real (tiny) crosslab-preset candidates at once, each evaluated with TTA on its
+    held-out split and on another lab's folder; the table and JSON carry accuracy and per-class recall."""
+    from benchmarks.tune_cpu_preset import main
+
+    lab = tmp_path / "lab"
+    for cls in ("lymphocyte", "neutrophil"):
+        (lab / cls).mkdir(parents=True)
+        for p in sorted((crosslab / cls).glob("*.bmp"))[:4]:
+            (lab / cls / p.name).symlink_to(p)
+    tiny = "--epochs 1 --warmup-epochs 0 --max-steps-per-epoch 2 --batch-size 16 --plots false"
+    out = tmp_path / "tune"
+    assert main(["--data", str(pbc_sample), "--eval-data", str(lab), "--base-preset", "crosslab", "--tta", "dihedral8",
+                 "--parallel", "2", "--out", str(out), "--name", "t",
+                 "--candidate", f"a:{tiny}", "--candidate", f"b:--mixstyle 0.5 {tiny}"]) == 0
+    res = json.loads((out / "t.json").read_text())
+    assert set(res) == {"a", "b"}
+    for r in res.values():
+        assert set(r["eval"]) == {"split", "lab"} and r["eval"]["lab"]["tta"] == "dihedral8"
+        assert set(r["eval"]["lab"]["recall"]) == {"lymphocyte", "neutrophil"}
+        rep = json.loads((out / f"tune_{'a' if r is res['a'] else 'b'}" / "eval" / "lab.json").read_text())
+        assert rep["accuracy"] == r["eval"]["lab"]["accuracy"] and rep["tta"] == "dihedral8"
+    table = (out / "t.md").read_text()
+    assert "| a |" in table and "| b |" in table and "lab: lymp" in table

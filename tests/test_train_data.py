@@ -231,7 +231,7 @@ def _symmetries(img):
 
 @pytest.mark.parametrize("name", ["cells", "dihedral", "robust", "robust_cell", "robust_mild", "robust_soft",
                                   "robust_soft_colour", "robust_soft_dye", "robust_soft_defocus", "robust_soft_lowres",
-                                  "robust_soft_gray", "robust_strong"])
+                                  "robust_soft_gray", "robust_soft_zoom", "robust_strong"])
 def test_augmentations_on_real_cells(name: str, pbc_sample: Path) -> None:
     import torch
 
