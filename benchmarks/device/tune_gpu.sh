@@ -2,16 +2,29 @@
 # The cross-lab recipe search of README "Cells from other labs", as it ran on one H200 (torch 2.11):
 # candidates of the cpu preset on half of pbc_dev, all at once on the GPU, each evaluated on crosslab_dev.
 #   python -m benchmarks.half_split --data ../shared/data/pbc_dev --out DATA_DIR   # (then copy the _half folder)
-#   bash benchmarks/device/tune_gpu.sh DATA_DIR/pbc_dev_half ../shared/data/crosslab_dev [1|2|3]
+#   bash benchmarks/device/tune_gpu.sh DATA_DIR/pbc_dev_half ../shared/data/crosslab_dev [1|2|3|4]
 # Round 1: augmentation and input normalisation; round 2: the nucleus-centred crop (both on the cpu preset);
 # round 3: the crosslab preset against MixStyle, heavier low resolution and more grayscale, three seeds each
-# (12 runs at once, evaluated with the 8-view TTA, per-class recall). Tables: runs/gpu/tune_gpu*.md.
+# (12 runs at once, evaluated with the 8-view TTA, per-class recall); round 4: the crosslab preset against 48 px,
+# 48 px with the paper's larger mobilevit_xs (about 2x the compute of xxs at 64 px: inside the cpu budget) and
+# 48 px for 120 epochs, three seeds each. Tables: runs/gpu/tune_gpu*.md.
 # EXTRA is appended to every candidate's flags (a dry run on CPU: EXTRA="--device cpu --epochs 1
-# --max-steps-per-epoch 2"); PARALLEL overrides round 3's 12.
+# --max-steps-per-epoch 2"); PARALLEL overrides rounds 3 and 4's 12.
 set -euo pipefail
 DATA=${1:?training folder}; EVAL=${2:?other lab folder}; ROUND=${3:-1}; EXTRA=${EXTRA:-}
 C="--device cuda --workers 2 --plots false --threads 1"
-if [[ $ROUND == 3 ]]; then
+if [[ $ROUND == 4 ]]; then
+  args=()
+  for s in 0 1 2; do
+    R="--compile off --seed $s $EXTRA"
+    args+=(--candidate "base_s$s:$C $R"
+           --candidate "px48_s$s:--image-size 48 $C $R"
+           --candidate "xs48_s$s:--arch mobilevit_xs --image-size 48 $C $R"
+           --candidate "px48e120_s$s:--image-size 48 --epochs 120 --warmup-epochs 18 $C $R")
+  done
+  python3 -m benchmarks.tune_cpu_preset --data "$DATA" --eval-data "$EVAL" --out runs/gpu --name tune_gpu4 \
+    --base-preset crosslab --tta dihedral8 --parallel "${PARALLEL:-12}" "${args[@]}"
+elif [[ $ROUND == 3 ]]; then
   args=()
   for s in 0 1 2; do
     R="--compile off --seed $s $EXTRA"
