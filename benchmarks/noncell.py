@@ -103,8 +103,9 @@ def write_set(data: Path, out: Path, per_kind: int = 5) -> list[Path]:
     return files
 
 
-def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
-    """{format file: {kind: [flagged?, ...]}} under each artifact's own uncertainty rule (and PyTorch's)."""
+def flagged_by_format(run_dir: Path, files: list[Path], panel: str | None = None) -> dict:
+    """{format file: {kind: [flagged?, ...]}} under each artifact's own uncertainty rule (and PyTorch's), on
+    `panel` (cellcore.panels; None: every class)."""
     import torch
 
     from cellcore.uncertainty import rule_for
@@ -130,19 +131,20 @@ def flagged_by_format(run_dir: Path, files: list[Path]) -> dict:
                                   OnnxRunner(path) if e["format"] == "onnx" else ExecutorchRunner(path))
     out: dict = {}
     for name, (kind, run) in runners.items():
-        rule = rule_for(manifest, name)
+        rule = rule_for(manifest, name, panel)
         checks = [rule.checks.problems(im) for im in rgbs]
         with torch.no_grad():
             raw = run(x)  # [N, C] or [N, C + 1] (the feature distance column)
         probs = rule.probabilities(raw, kind)  # [N, C] calibrated
         dists = rule.distances(raw)
         dists = [None] * len(files) if dists is None else list(dists)
+        off = rule.off_panel(raw)
         out[name] = {}
-        for f, p, pr, d in zip(files, probs, checks, dists):
+        for f, p, pr, d, o in zip(files, probs, checks, dists, off):
             out[name].setdefault(f.parent.name, []).append(
-                {"file": f.name, "flagged": rule.uncertain(float(p.max()), pr, int(p.argmax()), d),
+                {"file": f.name, "flagged": rule.uncertain(float(p.max()), pr, int(p.argmax()), d, bool(o)),
                  "top": manifest["classes"][int(p.argmax())], "p": round(float(p.max()), 4), "problems": pr,
-                 "distance": None if d is None else round(float(d), 4), "far": rule.far(d)})
+                 "distance": None if d is None else round(float(d), 4), "far": rule.far(d), "off_panel": bool(o)})
     return out
 
 
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-kind", type=int, default=5)
     p.add_argument("--run-dir", help="also run every exported format of this run on the set; table in <run>/bench/ (with "
                         "--measure: count what this run's exported checks flag)")
+    p.add_argument("--panel", default=None, help="with --run-dir: apply each file's rule on this panel, as the app "
+                   "does when a lab picks it (cellcore.panels: wbc5, wbc6 or a class list); tables named after it")
     p.add_argument("--measure", nargs="+", metavar="FOLDER",
                    help="instead: the picture-check measures (stain share, sharpness) of every image in these folders")
     p.add_argument("--by-class", action="store_true",
@@ -233,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     run_dir = Path(args.run_dir)
-    res = flagged_by_format(run_dir, files)
-    lines = [f"# Non-cell pictures flagged as uncertain ({run_dir}, {args.per_kind} per kind)", "",
+    res = flagged_by_format(run_dir, files, args.panel)
+    on = f", panel {args.panel}" if args.panel else ""
+    lines = [f"# Non-cell pictures flagged as uncertain ({run_dir}, {args.per_kind} per kind{on})", "",
              "| format | " + " | ".join(KINDS) + " | all |", "|---|" + "---|" * (len(KINDS) + 1)]
     for name, kinds in res.items():
         cells = [f"{sum(r['flagged'] for r in kinds[k])}/{len(kinds[k])}" for k in KINDS]
@@ -242,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {total}/{len(files)} |")
     bench = run_dir / "bench"
     bench.mkdir(exist_ok=True)
-    (bench / "noncell.json").write_text(json.dumps(res, indent=1))
-    (bench / "noncell.md").write_text("\n".join(lines) + "\n")
+    stem = "noncell" + (f"_panel_{args.panel.replace(',', '+')}" if args.panel else "")
+    (bench / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (bench / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -14,14 +14,18 @@ The rule, the same in verification, benchmarks and the app:
    with that class;
 5. uncertain when the exported file carries the feature distance (train.distance: an extra output column
    after the C logits) and it exceeds the file's `max_distance`, fitted on the validation split: the
-   picture's features lie far from every training class, however confident the model is.
+   picture's features lie far from every training class, however confident the model is;
+6. with a panel (cellcore.panels: the classes a lab's slides can show, e.g. the five-part differential), the
+   probabilities are a softmax over the panel's classes only (the others get 0), and a picture whose most
+   probable class over all the model's classes is off the panel is uncertain: the lab does not expect it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from cellcore.panels import resolve_panel
 from cellcore.quality import PictureChecks
 
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
@@ -76,15 +80,36 @@ class UncertaintyRule:
     not_a_cell: tuple[int, ...] = ()  # class indices that are always flagged (rule step 4)
     n_classes: int | None = None      # the output's columns after the first n_classes are not logits (step 5)
     max_distance: float | None = None  # rule step 5; None: no distance check
+    panel: tuple[int, ...] | None = None  # rule step 6: the class indices on the lab's panel; None: every class
+
+    def with_panel(self, panel: tuple[int, ...] | None) -> "UncertaintyRule":
+        """This rule on a panel (cellcore.panels.resolve_panel's indices; None: every class)."""
+        return replace(self, panel=None if panel is None else tuple(int(i) for i in panel))
+
+    def _scores(self, out: np.ndarray) -> np.ndarray:
+        out = np.asarray(out)
+        return out[..., :self.n_classes] if self.n_classes is not None else out  # drop the distance column
 
     def probabilities(self, out: np.ndarray, kind: str = "logits") -> np.ndarray:
         """A model's [C] or [C + 1] (or [N, ...]) output -> calibrated [C] / [N, C] probabilities (Core ML gives
-        probabilities: their logarithms are logits up to a constant, so the same temperature applies)."""
-        out = np.asarray(out)
-        if self.n_classes is not None:
-            out = out[..., :self.n_classes]  # the feature distance column, if any, is not a class score
-        logits = np.log(np.clip(out, 1e-12, 1.0)) if kind == "probabilities" else out
+        probabilities: their logarithms are logits up to a constant, so the same temperature applies). On a
+        panel: a softmax over the panel's classes, the others exactly 0."""
+        out = self._scores(out)
+        logits = np.log(np.clip(out, 1e-12, 1.0)) if kind == "probabilities" else np.asarray(out, np.float64)
+        if self.panel is not None:
+            off = np.ones(logits.shape[-1], dtype=bool)
+            off[list(self.panel)] = False
+            logits = np.where(off, -np.inf, logits)  # exp(-inf) = 0: off-panel classes take no probability
         return softmax(logits, self.temperature)
+
+    def off_panel(self, out: np.ndarray) -> np.ndarray | bool:
+        """Rule step 6 alone: the model's most probable class over all its classes is off the panel ([N] bool
+        for [N, ...] outputs); always False without a panel. The argmax of logits and of probabilities agree."""
+        scores = self._scores(out)
+        if self.panel is None:
+            return np.zeros(scores.shape[:-1], dtype=bool) if scores.ndim > 1 else False
+        off = ~np.isin(np.argmax(scores, axis=-1), list(self.panel))
+        return off if scores.ndim > 1 else bool(off)
 
     def distances(self, out: np.ndarray) -> np.ndarray | None:
         """The feature distance column of a [C + 1] / [N, C + 1] output ([] / [N]); None if the output has none."""
@@ -98,21 +123,37 @@ class UncertaintyRule:
         return self.max_distance is not None and distance is not None and float(distance) > self.max_distance
 
     def uncertain(self, top_probability: float, problems: list[str] | tuple[str, ...] = (),
-                  predicted: int | None = None, distance: float | None = None) -> bool:
-        """predicted: the top class's index (rule step 4); None skips that step. distance: step 5."""
+                  predicted: int | None = None, distance: float | None = None, off_panel: bool = False) -> bool:
+        """predicted: the top class's index (rule step 4); None skips that step. distance: step 5. off_panel:
+        step 6 (off_panel() of the model's output)."""
         return (bool(problems) or self.threshold is None or top_probability < self.threshold
-                or (predicted is not None and int(predicted) in self.not_a_cell) or self.far(distance))
+                or (predicted is not None and int(predicted) in self.not_a_cell) or self.far(distance)
+                or bool(off_panel))
 
     def flagged(self, probs: np.ndarray, problems: list[list[str]] | list[tuple[str, ...]],
-                distances: np.ndarray | None = None) -> np.ndarray:
-        """[N, C] calibrated probabilities + each picture's problems (+ [N] feature distances) -> [N] bool."""
+                distances: np.ndarray | None = None, off_panel: np.ndarray | None = None) -> np.ndarray:
+        """[N, C] calibrated probabilities + each picture's problems (+ [N] feature distances, + [N] off_panel)
+        -> [N] bool."""
         ds = [None] * len(probs) if distances is None else list(distances)
-        return np.array([self.uncertain(float(p.max()), pr, int(p.argmax()), d)
-                         for p, pr, d in zip(probs, problems, ds)], dtype=bool).reshape(len(probs))
+        off = [False] * len(probs) if off_panel is None else list(off_panel)
+        return np.array([self.uncertain(float(p.max()), pr, int(p.argmax()), d, o)
+                         for p, pr, d, o in zip(probs, problems, ds, off)], dtype=bool).reshape(len(probs))
+
+    def flagged_outputs(self, out: np.ndarray, problems: list[list[str]] | list[tuple[str, ...]],
+                        kind: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+        """[N, C(+1)] model outputs + each picture's problems -> ([N, C] probabilities, [N] flagged): every
+        step of the rule, as verification, the benchmarks and the app apply it."""
+        probs = self.probabilities(out, kind)
+        return probs, self.flagged(probs, problems, self.distances(out), self.off_panel(out))
 
 
-def rule_for(manifest: dict, artifact_file: str | None = None) -> UncertaintyRule:
-    """The rule for one exported file, from manifest["uncertainty"] (old manifests: one threshold, T = 1)."""
+def rule_for(manifest: dict, artifact_file: str | None = None, panel: str | None = None) -> UncertaintyRule:
+    """The rule for one exported file, from manifest["uncertainty"] (old manifests: one threshold, T = 1), on
+    `panel` (a cellcore.panels name or class list; None: every class; PanelError if it does not fit)."""
+    return _rule_for(manifest, artifact_file).with_panel(resolve_panel(panel, list(manifest.get("classes") or [])))
+
+
+def _rule_for(manifest: dict, artifact_file: str | None) -> UncertaintyRule:
     unc = manifest.get("uncertainty") or {}
     checks = PictureChecks.from_dict(unc.get("picture_checks"))
     classes = list(manifest.get("classes") or [])

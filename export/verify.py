@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cellcore.manifest import ManifestError, artifact_path, output_kind, read_manifest, sha256_of, write_manifest
+from cellcore.panels import PANELS, PanelError, panel_label, resolve_panel
 from cellcore.uncertainty import wilson
 from export.runtimes import CoreMLRunner, ExecutorchRunner, OnnxRunner, RuntimeUnavailable, coreml_structure
 
@@ -47,6 +48,7 @@ class VerifyConfig:
     limit: int = 0        # use only N images, spread over the set (0: all); for quick checks
     threads: int = 0      # onnxruntime intra-op threads (0: all cores)
     batch: int = 64       # images decoded and run at once: memory stays flat on any dataset size
+    panel: str = ""       # the classes the lab's slides can show (cellcore.panels: wbc5, wbc6, or a class list)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="use only N images (0: all)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--batch", type=int, default=d.batch, help=f"images per decode/run batch (default {d.batch})")
+    p.add_argument("--panel", default="", help="apply the rule on a panel, as the app does when a lab picks one: "
+                   f"{', '.join(PANELS)} or a comma-separated class list (default: every class). Its tables are "
+                   "written beside the others with the panel in their name; the rules are not refitted")
     return p
 
 
@@ -124,13 +129,16 @@ def stream_outputs(samples, prep, models: dict, checks, batch: int):
 
 
 def abstention(out: np.ndarray, y: np.ndarray, problems: list[list[str]], rule, kind: str) -> dict:
-    """Share flagged under `rule` and the accuracy of what is not flagged (+ the share the feature distance flags)."""
-    probs = rule.probabilities(out, kind)
+    """Share flagged under `rule` and the accuracy of what is not flagged (+ the share the feature distance flags;
+    on a panel also the accuracy of the panel's answers and the share flagged for an off-panel first answer)."""
+    probs, flagged = rule.flagged_outputs(out, problems, kind)
     dist = rule.distances(out)
-    flagged = rule.flagged(probs, problems, dist)
     far = {} if dist is None else {"flagged_by_distance": float(np.mean([rule.far(d) for d in dist])) if len(y) else 0.0}
+    on_panel = {} if rule.panel is None else {
+        "accuracy_panel": float((probs.argmax(1) == y).mean()) if len(y) else None,
+        "flagged_off_panel": float(np.mean(rule.off_panel(out))) if len(y) else 0.0}
     kept = ~flagged
-    return {"flagged": float(flagged.mean()) if len(y) else 0.0, **far,
+    return {"flagged": float(flagged.mean()) if len(y) else 0.0, **far, **on_panel,
             "accuracy_unflagged": float((probs.argmax(1) == y)[kept].mean()) if kept.any() else None}
 
 
@@ -182,6 +190,7 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     model, prep, classes = model_from_checkpoint(ckpt, ckpt_path, tta=manifest["model"].get("tta", "none"))
     if classes != manifest["classes"]:
         raise ManifestError(f"{export_dir}: manifest classes {manifest['classes']} differ from the checkpoint's")
+    resolve_panel(cfg.panel, classes)  # a panel that does not fit is refused before any image is read
     attach_from_export(model, manifest, export_dir)  # the reference then outputs what the exported graphs output
     n = len(classes)
     if cfg.threads:
@@ -246,7 +255,7 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
              "macro_f1": ref_rep["macro_f1"], "agreement": 1.0, "max_abs_logit_diff": 0.0,
              "ms_per_image": ms("best.pt"), "gate": "", "note": f"eager, batch {cfg.batch}",
              "per_class": per_class_recall(ref_rep),
-             **abstention(ref, y, problems, rule_for(manifest, "best.pt"), "logits")}]
+             **abstention(ref, y, problems, rule_for(manifest, "best.pt", cfg.panel), "logits")}]
     ok = True
     for entry in manifest["artifacts"]:
         name = entry["file"]
@@ -262,7 +271,7 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
         row.update(accuracy=rep["accuracy"], macro_f1=rep["macro_f1"],
                    agreement=float((pred == ref[:, :n].argmax(1)).mean()),
                    ms_per_image=ms(name), per_class=per_class_recall(rep),
-                   **abstention(out, y, problems, rule_for(manifest, name), kind))
+                   **abstention(out, y, problems, rule_for(manifest, name, cfg.panel), kind))
         if kind == "logits":
             row["max_abs_logit_diff"] = float(np.abs(out[:, :n] - ref[:, :n]).max())
             if out.shape[1] > n and ref.shape[1] > n:  # the feature distance: reported, gated through its own threshold
@@ -287,23 +296,31 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     for r in rows:  # every accuracy on a few hundred images gets its 95% interval
         if r["accuracy"] is not None:
             r["accuracy_ci95"] = wilson(round(r["accuracy"] * len(y)), len(y))
+        if r.get("accuracy_panel") is not None:
+            r["accuracy_panel_ci95"] = wilson(round(r["accuracy_panel"] * len(y)), len(y))
     fingerprint = samples.fingerprint()
     result = {"source": source, "images": int(len(y)), "fingerprint": fingerprint, "classes": classes,
-              "passed": bool(ok), "rows": rows, "per_class": ref_rep["per_class"],
+              "passed": bool(ok), "rows": rows, "per_class": ref_rep["per_class"], "panel": cfg.panel or "all",
               "skipped": [{"path": p, "reason": r} for p, r in skipped]}
     stem = f"verify_{Path(cfg.data).name}" if cfg.data else "verify"  # the test split's tables stay put
+    panel_tag = cfg.panel.replace(",", "+").replace(" ", "") if cfg.panel else ""
+    stem += f"_panel_{panel_tag}" if panel_tag else ""
     (export_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    table = format_table(rows, source, len(y))
+    table = format_table(rows, source + (f"; panel {cfg.panel}: {panel_label(cfg.panel)}" if cfg.panel else ""),
+                         len(y), panel=bool(cfg.panel))
     (export_dir / f"{stem}.md").write_text(table + "\n")
     # The app's About screen shows these numbers beside the data they come from. The run's own held-out
     # split is the canonical record; any other folder is kept under its own name and fingerprint.
     record = {r["file"]: {k: r.get(k) for k in ("format", "precision", "status", "accuracy", "accuracy_ci95",
                                                  "macro_f1", "agreement", "flagged", "flagged_by_distance",
-                                                 "accuracy_unflagged",
+                                                 "accuracy_unflagged", "accuracy_panel", "flagged_off_panel",
                                                  "per_class")}
               for r in rows}
     about = {"source": source, "images": int(len(y)), "fingerprint": fingerprint}
-    if cfg.data:
+    if cfg.panel:  # a panel's numbers never replace the all-class record the app shows by default
+        key = f"{Path(cfg.data).name if cfg.data else 'test split'}, panel {cfg.panel}"
+        manifest["metrics"].setdefault("verify_other", {})[key] = {**about, "panel": cfg.panel, "results": record}
+    elif cfg.data:
         manifest["metrics"].setdefault("verify_other", {})[Path(cfg.data).name] = {**about, "results": record}
     else:
         manifest["metrics"]["verify"] = record
@@ -317,24 +334,26 @@ def _f(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _ci(r: dict) -> str:
-    if r["accuracy"] is None:
+def _ci(r: dict, key: str = "accuracy") -> str:
+    if r.get(key) is None:
         return "–"
-    lo, hi = r.get("accuracy_ci95") or (None, None)
-    return f"{r['accuracy']:.4f}" + (f" ({lo:.3f}-{hi:.3f})" if lo is not None else "")
+    lo, hi = r.get(f"{key}_ci95") or (None, None)
+    return f"{r[key]:.4f}" + (f" ({lo:.3f}-{hi:.3f})" if lo is not None else "")
 
 
-def format_table(rows: list[dict], source: str, n: int) -> str:
+def format_table(rows: list[dict], source: str, n: int, panel: bool = False) -> str:
     lines = [f"Verification on {n} images ({source})", "",
-             "| format | precision | status | size MB | accuracy (95% CI) | macro-F1 | agreement | max abs logit diff | "
+             "| format | precision | status | size MB | accuracy (95% CI) | "
+             + ("accuracy on the panel (95% CI) | " if panel else "") + "macro-F1 | agreement | max abs logit diff | "
              "flagged uncertain | accuracy of the rest | ms/image | gate | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if panel else "")]
     for r in rows:
         diff = r.get("max_abs_logit_diff")
         diff_s = _f(diff, ".2e") if diff is not None else (
             f"{r['max_abs_prob_diff']:.2e} (prob)" if r.get("max_abs_prob_diff") is not None else "–")
         lines.append(f"| {r['format']} | {r['precision']} | {r['status']} | {r['size_mb']:.2f} | "
-                     f"{_ci(r)} | {_f(r['macro_f1'], '.4f')} | {_f(r['agreement'], '.4f')} | "
+                     f"{_ci(r)} | " + (f"{_ci(r, 'accuracy_panel')} | " if panel else "")
+                     + f"{_f(r['macro_f1'], '.4f')} | {_f(r['agreement'], '.4f')} | "
                      f"{diff_s} | {_f(r.get('flagged'), '.1%')}"
                      + (f" ({r['flagged_by_distance']:.1%} by distance)" if r.get("flagged_by_distance") is not None else "")
                      + f" | {_f(r.get('accuracy_unflagged'), '.4f')} | "
@@ -350,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging(None)
     cfg = VerifyConfig(run_dir=args.run_dir, data=args.data, split=args.split, limit=args.limit,
-                       threads=args.threads, batch=args.batch)
+                       threads=args.threads, batch=args.batch, panel=args.panel)
     try:
         rows, ok = verify(cfg)
-    except (ManifestError, CheckpointError, DatasetError, FileNotFoundError) as exc:
+    except (ManifestError, CheckpointError, DatasetError, FileNotFoundError, PanelError) as exc:
         log.error("%s", exc)
         return 2
     if not ok:

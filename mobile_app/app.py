@@ -12,7 +12,7 @@ DESKTOP_WINDOW = (600, 960)  # portrait, like a phone
 
 
 def run_app(model_dir: Path, fmt: str | None = None, data_dir: Path | None = None,
-            script: Path | None = None, result: Path | None = None) -> int:
+            script: Path | None = None, result: Path | None = None, panel: str | None = None) -> int:
     """Run the UI until it is closed; with `script`, play the steps and return 0 only if all passed."""
     t0 = time.perf_counter()
     os.environ.setdefault("KIVY_NO_ARGS", "1")  # our argv is not Kivy's
@@ -30,7 +30,7 @@ def run_app(model_dir: Path, fmt: str | None = None, data_dir: Path | None = Non
     from mobile_app.ui import CellClassifierApp
 
     app = CellClassifierApp(model_dir=Path(model_dir), fmt=fmt, data_dir=data_dir, script=script,
-                            result_path=result, t0=t0)
+                            result_path=result, t0=t0, panel=panel)
     app.run()
     return app.exit_code
 

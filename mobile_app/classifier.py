@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from cellcore import imaging
+from cellcore.panels import PanelError, resolve_panel
 from cellcore.preprocess import Box, box_from_bounds, square_bounds, suggest_box
 from cellcore.uncertainty import UncertaintyRule, rule_for
-from mobile_app.errors import BoxError, InferenceError, RuntimeUnavailableError
+from mobile_app.errors import BoxError, InferenceError, PanelChoiceError, RuntimeUnavailableError
 from mobile_app.manifest import Artifact, Manifest, load_manifest, verify_artifact
 from mobile_app.runtimes import PLATFORM_FORMATS, Runtime, create_runtime, detect_platform
 
@@ -73,9 +74,11 @@ class CellClassifier:
     """
 
     def __init__(self, model_dir: Path | str, fmt: str | None = None, platform: str | None = None,
-                 bridge: Any = None, keep_display: bool = False):
+                 bridge: Any = None, keep_display: bool = False, panel: str | None = None):
         self.model_dir = Path(model_dir)
         self.fmt = fmt
+        # the classes the lab's slides can show (cellcore.panels); None: every class. Checked on load().
+        self.panel = panel
         self.platform = platform or detect_platform()
         self._bridge = bridge
         self._keep_display = keep_display
@@ -114,6 +117,10 @@ class CellClassifier:
         present; a file that fails its sha256 check is refused outright, never skipped.
         """
         manifest = self.manifest
+        try:  # a panel that does not fit is refused before any model file is read
+            resolve_panel(self.panel, manifest.classes)
+        except PanelError as exc:
+            raise PanelChoiceError(str(exc)) from exc
         with self._lock:
             if self._runtime is not None:
                 return self._runtime
@@ -165,8 +172,8 @@ class CellClassifier:
 
     @property
     def rule(self) -> UncertaintyRule:
-        """The uncertainty rule of the loaded model file, as export verification chose it."""
-        return rule_for(self.manifest.raw, self._artifact.file if self._artifact is not None else None)
+        """The uncertainty rule of the loaded model file, as export verification chose it, on the chosen panel."""
+        return rule_for(self.manifest.raw, self._artifact.file if self._artifact is not None else None, self.panel)
 
     def classify(self, path: Path | str, box: PickRequest | None = None) -> Prediction:
         """Decode, crop, resize, run, softmax: one photo -> Prediction.
@@ -201,6 +208,9 @@ class CellClassifier:
         label, p = top[0]
         if int(order[0]) in rule.not_a_cell:  # the export declared this class "not a white cell"
             problems += (f"no white cell: the model sees {label}",)
+        if rule.off_panel(out):  # rule step 6: the model's first answer is a class the lab does not expect
+            first = manifest.classes[int(np.argmax(out[:len(manifest.classes)]))]
+            problems += (f"the model's first answer, {first}, is not on the {self.panel} panel",)
         l, t, r, b = prep.box_for(image)  # the model's square inside what was classified
         assert self._artifact is not None and self._runtime is not None
         return Prediction(

@@ -74,11 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify the square centred at X,Y with side SIZE (pixels of the photo as stored) "
                         "instead of the whole photo; without SIZE, as a tap in the app: the square centres "
                         "on the stained cell nearest X,Y with the suggested size")
+    c.add_argument("--panel", default=None, help="the classes this lab's slides can show, as in the app: wbc5 (the "
+                   "five-part differential), wbc6 (+ immature granulocytes), all, or a comma-separated class list; "
+                   "answers are the panel's most probable class and a first answer off the panel is flagged")
 
     r = sub.add_parser("run", help="start the app window (the default)")
     r.add_argument("--model-dir", type=Path, default=None, help="export folder with manifest.json")
     r.add_argument("--format", choices=FORMAT_CHOICES, default=None)
     r.add_argument("--data-dir", type=Path, default=None, help="where the differential count is kept")
+    r.add_argument("--panel", default=None, help="start on this panel (as classify --panel; changeable on the "
+                   "About screen; default: the last one chosen, else every class)")
     r.add_argument("--script", type=Path, default=None, help="JSON list of UI steps to play (tests, demos)")
     r.add_argument("--result", type=Path, default=None, help="with --script: write the outcome JSON here")
 
@@ -116,7 +121,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from mobile_app.classifier import CellClassifier
 
     try:
-        clf = CellClassifier(resolve_model_dir(args.model_dir), fmt=args.format)
+        clf = CellClassifier(resolve_model_dir(args.model_dir), fmt=args.format, panel=args.panel)
         clf.load()
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -161,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if detect_platform() == "desktop":  # before a window opens: the terminal is where `make app` is read
             return 2
         model_dir = default_model_dir()  # a phone has no terminal: the app opens and says it on screen
-    return run_app(model_dir=model_dir, fmt=args.format, data_dir=args.data_dir,
+    return run_app(model_dir=model_dir, fmt=args.format, data_dir=args.data_dir, panel=args.panel,
                    script=args.script, result=args.result)
 
 

@@ -29,6 +29,10 @@ class RuntimeUnavailableError(ModelError):
     """No inference engine on this platform can run the requested model format."""
 
 
+class PanelChoiceError(ModelError):
+    """The panel asked for (cellcore.panels) names classes the model does not know."""
+
+
 class InferenceError(AppError):
     """The runtime failed while running the model on one input."""
 

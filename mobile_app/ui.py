@@ -26,6 +26,8 @@ from kivy.uix.screenmanager import Screen
 from kivy.uix.slider import Slider
 
 from cellcore import imaging
+from cellcore.files import atomic_write_text
+from cellcore.panels import PANELS, PanelError, panel_label, resolve_panel
 from cellcore.preprocess import Box, box_from_bounds, square_bounds
 from mobile_app import __version__, phone
 from mobile_app.classifier import UNCERTAIN_MESSAGE, CellClassifier, Prediction
@@ -249,7 +251,8 @@ def uncertainty_text(rule) -> str:
         return f"no threshold reached the target accuracy on validation images: every result says \"{UNCERTAIN_MESSAGE}\""
     return (f"a result says \"{UNCERTAIN_MESSAGE}\" when its calibrated top probability is below {rule.threshold:.0%} "
             f"(temperature {rule.temperature:.2f}), or when the picture shows no stained cell or is too blurred"
-            + (", or has a stain colour unlike the training pictures" if rule.checks.stain_hue else ""))
+            + (", or has a stain colour unlike the training pictures" if rule.checks.stain_hue else "")
+            + (", or when the model's first answer is a class off the chosen panel" if rule.panel is not None else ""))
 
 
 class CellClassifierApp(App):
@@ -287,10 +290,11 @@ class CellClassifierApp(App):
     about_text = StringProperty("")
     camera_available = BooleanProperty(False)
     is_phone = BooleanProperty(False)
+    panel = StringProperty("all")  # cellcore.panels: the classes this lab's slides can show (About screen)
 
     def __init__(self, model_dir: Path, fmt: str | None = None, data_dir: Path | None = None,
                  script: Path | None = None, result_path: Path | None = None, t0: float | None = None,
-                 **kwargs: Any):
+                 panel: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self._t0 = t0 if t0 is not None else time.perf_counter()
         self.timing: dict[str, float] = {}  # seconds since launch: window up, model ready
@@ -302,6 +306,7 @@ class CellClassifierApp(App):
         self.classifier = CellClassifier(model_dir, fmt=fmt, platform=self.platform_name, bridge=self.java,
                                          keep_display=True)
         self._data_dir_arg = data_dir
+        self._panel_arg = panel  # --panel; else the one saved in settings.json; else every class
         self._script_path, self._result_path = script, result_path
         self._executor: ThreadPoolExecutor | None = None
         self.tally: DifferentialCount | None = None
@@ -328,6 +333,7 @@ class CellClassifierApp(App):
         self.timing["ui_started_s"] = round(time.perf_counter() - self._t0, 3)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._restore_tally()
+        self._restore_panel()
         self._setup_phone()
         self.set_status("Loading model…")
         self._submit(self.classifier.load, self._model_ready, self._model_failed)
@@ -791,6 +797,55 @@ class CellClassifierApp(App):
         except phone.platform_errors() as exc:
             self.set_status(f"Camera unavailable: {exc}. The gallery still works.", "warning")
 
+    # ------------------------------------------------------------------ panel
+
+    @property
+    def settings_path(self) -> Path:
+        return self.data_dir / "settings.json"
+
+    def _restore_panel(self) -> None:
+        """--panel, else the panel saved by the last session, else every class (checked when the model loads)."""
+        panel = self._panel_arg
+        if panel is None and self.settings_path.exists():
+            try:
+                panel = json.loads(self.settings_path.read_text()).get("panel")
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("%s unreadable (%s): starting on every class", self.settings_path, exc)
+        panel = panel or "all"
+        try:
+            resolve_panel(panel, self.classifier.manifest.classes)
+        except PanelError as exc:  # e.g. a panel saved for another model: this one's classes do not fit it
+            log.warning("%s: starting on every class", exc)
+            panel = "all"
+        except ModelError:
+            pass  # loading the model says what is wrong with it
+        self.panel = panel
+        self.classifier.panel = None if panel == "all" else panel
+
+    def set_panel(self, name: str) -> None:
+        """Choose the panel (About screen): later answers come from its classes; the photo on screen is
+        classified again. A panel the model cannot take is refused, saying why, and the old one stays."""
+        try:
+            resolve_panel(name, self.classifier.manifest.classes)
+        except (PanelError, ModelError) as exc:
+            self.set_status(f"Panel not changed: {exc}", "error")
+            self.property("panel").dispatch(self)  # the toggle buttons go back to the panel in use
+            return
+        self.panel = name
+        self.classifier.panel = None if name == "all" else name
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.settings_path, json.dumps({"panel": name}))
+        except OSError as exc:
+            log.warning("could not save the panel to %s: %s", self.settings_path, exc)
+        self.about_text = self._about() if self.model_state == "ready" else self.about_text
+        self.set_status(f"Panel: {panel_label(name)}")
+        if self.model_state == "ready" and self.last_prediction is not None and self.photo_path:
+            if self.pick_box:
+                self.classify_pick()
+            else:
+                self.open_photo(self.photo_path)
+
     # ------------------------------------------------------------------ about
 
     def _about(self, error: str = "") -> str:
@@ -832,6 +887,8 @@ class CellClassifierApp(App):
         for name, other in (metrics.get("verify_other") or {}).items():
             lines.append(f"  on {name} ({_data_name(other)}):")
             lines += _verify_lines(other.get("results") or {}, formats)
+        on = PANELS.get(self.panel) or m.classes
+        lines += ["", f"[b]Panel[/b]: {panel_label(self.panel)} ({', '.join(on)})"]
         lines += ["", "[b]Uncertainty[/b]: " + uncertainty_text(self.classifier.rule)]
         if unc.get("val_accuracy_at_or_above") is not None:
             lines.append(f"  at or above it: validation accuracy {_pct(unc.get('val_accuracy_at_or_above'))} on "
@@ -866,7 +923,7 @@ class CellClassifierApp(App):
             "entries": [{"file": e.file, "predicted": e.predicted, "label": e.label, "corrected": e.corrected,
                          "box": None if e.box is None else list(e.box)}
                         for e in (t.entries if t else [])],
-            "about": self.about_text, "timing": dict(self.timing),
+            "about": self.about_text, "timing": dict(self.timing), "panel": self.panel,
         }
 
     def photo_view(self) -> PhotoView:

@@ -292,3 +292,41 @@ def test_a_fresh_clone_opens_the_shipped_model_and_classifies_a_pbc_photo(pbc_de
     assert f"the held-out test split, {src['images']} images" in about and "95% CI" in about
     assert "on crosslab_dev" in about
     assert colour_share(shot, CROP_GREEN) > 0.002, "the classified square is not drawn"
+
+
+def test_a_lab_picks_the_five_part_panel_on_the_about_screen(pbc_dev: Path, work: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """About screen -> "5-part diff": the photo on screen is classified again on the panel, its off-panel first
+    answer is said and flagged, the choice survives a restart, and "All classes" brings the model's own answer back."""
+    from cellcore.panels import PANELS
+    from mobile_app.classifier import CellClassifier
+
+    bundle = REPO / "mobile_app" / "assets" / "model"
+    clf = CellClassifier(bundle, platform="desktop")
+    lymphocytes = sorted((pbc_dev.parent / "crosslab_dev" / "lymphocyte").iterdir())[:30]
+    photo = next(p for p in lymphocytes if clf.classify(p).label not in PANELS["wbc5"])  # another lab's soft cell
+    first = clf.classify(photo).label
+    on_panel = CellClassifier(bundle, platform="desktop", panel="wbc5").classify(photo)
+    monkeypatch.delenv("CELLVIT_MODEL_DIR", raising=False)
+    data = work / "data_panel"
+    out = run_app(None, [
+        {"do": "wait_model"}, {"do": "open", "path": str(photo)}, {"do": "wait_idle"}, {"do": "record", "name": "all"},
+        {"do": "screen", "name": "about"}, {"do": "tap", "text": "5-part diff"}, {"do": "wait_idle"},
+        {"do": "record", "name": "five"}, {"do": "screenshot", "path": str(work / "panel_about.png")},
+        {"do": "screen", "name": "classify"}, {"do": "screenshot", "path": str(work / "panel_classify.png")},
+    ], work, data, "panel")
+    before, after = out["records"]["all"], out["records"]["five"]
+    assert before["panel"] == "all" and before["label"] == first
+    assert after["panel"] == "wbc5" and after["label"] == on_panel.label in PANELS["wbc5"]
+    assert after["uncertain"] and f"the model's first answer, {first}, is not on the wbc5 panel" in after["message"]
+    assert abs(after["probability"] - on_panel.probability) < 1e-4
+    assert "Panel[/b]: five-part differential" in after["about"] and "off the chosen panel" in after["about"]
+    assert json.loads((data / "settings.json").read_text()) == {"panel": "wbc5"}
+    again = run_app(None, [
+        {"do": "wait_model"}, {"do": "record", "name": "restarted"},
+        {"do": "screen", "name": "about"}, {"do": "tap", "text": "All classes"},
+        {"do": "open", "path": str(photo)}, {"do": "wait_idle"}, {"do": "record", "name": "all"},
+    ], work, data, "panel_again")
+    assert again["records"]["restarted"]["panel"] == "wbc5"
+    assert again["records"]["all"]["panel"] == "all" and again["records"]["all"]["label"] == first
+    assert json.loads((data / "settings.json").read_text()) == {"panel": "all"}

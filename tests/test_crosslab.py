@@ -135,6 +135,23 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
         assert p.uncertain == rule.uncertain(float(probs.max()), p.problems, int(probs.argmax()), d)
         assert (p.label == "platelet") <= p.uncertain  # a platelet answer is always flagged
         assert rule.far(d) == any(pr.startswith("unlike the training cells") for pr in p.problems)
+    # verify on a panel: its own tables and manifest record, the all-class record untouched, every file's
+    # panel accuracy the panel's argmax of its outputs
+    from export.verify import main as verify_main
+
+    before = json.loads((run / "export" / "manifest.json").read_text())["metrics"].get("verify")
+    assert verify_main(["--run-dir", str(run), "--data", str(crosslab), "--limit", "30", "--panel", "wbc5"]) in (0, 1)
+    after = json.loads((run / "export" / "manifest.json").read_text())["metrics"]
+    assert after.get("verify") == before
+    rec = after["verify_other"]["crosslab_dev, panel wbc5"]
+    table = json.loads((run / "export" / "verify_crosslab_dev_panel_wbc5.json").read_text())
+    assert rec["panel"] == table["panel"] == "wbc5" and rec["images"] == 30
+    ref = next(r for r in table["rows"] if r["file"] == "best.pt")
+    assert ref["accuracy_panel"] >= ref["accuracy"] - 1e-9 >= 0  # crosslab's labels are all on the panel
+    assert {r["file"] for r in table["rows"]} == {"best.pt", "mobilevit_xxs_onnx_fp32.onnx",
+                                                   "mobilevit_xxs_onnx_int8.onnx"}
+    assert all(r["accuracy_panel"] is not None and r["flagged_off_panel"] is not None for r in table["rows"])
+    assert "accuracy on the panel" in (run / "export" / "verify_crosslab_dev_panel_wbc5.md").read_text()
 
 
 def test_picture_checks_flag_non_cells_and_pass_real_cells(pbc_dev: Path, real_cells: list[Path], crosslab: Path,
