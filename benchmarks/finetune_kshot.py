@@ -44,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per fine-tune (0: torch's default)")
     p.add_argument("--tta", default="none", choices=("none", "dihedral8"),
                    help="held-out evaluation with this test-time augmentation (passed to train.finetune)")
+    p.add_argument("--panel", default="", help="also report the held-out accuracy on this panel (train.finetune "
+                   "--panel: wbc5, wbc6 or a class list)")
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose complete results already exist")
     return p
 
@@ -67,12 +69,14 @@ def cpu_info() -> dict:
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
-def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None, tta: str = "none") -> dict:
+def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None, tta: str = "none",
+                 panel: str = "") -> dict:
     """What a finished run must have been made with for it to be reused."""
     from train.finetune import FinetuneConfig
 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
-            "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta}
+            "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta,
+            **({"panel": panel} if panel else {})}
 
 
 def completed(run_dir: Path, settings: dict) -> dict | None:
@@ -90,9 +94,9 @@ def completed(run_dir: Path, settings: dict) -> dict | None:
 
 
 def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int, epochs: int | None = None,
-                 threads: int = 0, force: bool = False, tta: str = "none") -> dict:
+                 threads: int = 0, force: bool = False, tta: str = "none", panel: str = "") -> dict:
     """One fine-tune in a child process; its finetune.json plus the process's own wall seconds."""
-    settings = run_settings(from_run, data, shots, seed, epochs, tta)
+    settings = run_settings(from_run, data, shots, seed, epochs, tta, panel)
     if not force and (done := completed(run_dir, settings)) is not None:
         log.info("k=%d seed=%d: reusing the complete run in %s", shots, seed, run_dir)
         return {**done, "reused": True}
@@ -107,6 +111,8 @@ def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int,
         cmd += ["--threads", str(threads)]
     if tta != "none":
         cmd += ["--tta", tta]
+    if panel:
+        cmd += ["--panel", panel]
     log.info("k=%d seed=%d: %s", shots, seed, " ".join(cmd))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,6 +150,10 @@ def summarise(runs: list[dict]) -> list[dict]:
                      "macro_f1_mean": statistics.fmean(f1), "macro_f1_std": _std(f1),
                      "macro_f1_min": min(f1), "macro_f1_max": max(f1),
                      "seconds_mean": statistics.fmean(r["wall_s"] for r in rs)})
+        panel = [r["held_out_accuracy_panel"] for r in rs if r.get("held_out_accuracy_panel") is not None]
+        if panel and len(panel) == len(rs):
+            rows[-1].update(panel_accuracy_mean=statistics.fmean(panel), panel_accuracy_std=_std(panel),
+                            panel_accuracy_min=min(panel), panel_accuracy_max=max(panel))
     return rows
 
 
@@ -156,13 +166,17 @@ def format_markdown(result: dict) -> str:
              f"min..max in brackets. Seconds: train.finetune's wall time per fine-tune. Held-out images evaluated "
              f"with test-time augmentation {result.get('tta', 'none')}.", "",
              "| k | draws | train images | held-out images | accuracy % mean ± std (min..max) | "
-             "macro-F1 % mean ± std (min..max) | seconds (mean) |",
-             "|---|---|---|---|---|---|---|"]
+             + (f"accuracy on the {panel} panel % mean ± std (min..max) | " if (panel := result.get("panel")) else "")
+             + "macro-F1 % mean ± std (min..max) | seconds (mean) |",
+             "|---|---|---|---|---|---|---|" + ("---|" if panel else "")]
     for r in result["summary"]:
+        on = (f"{100 * r['panel_accuracy_mean']:.1f} ± {100 * r['panel_accuracy_std']:.1f} "
+              f"({100 * r['panel_accuracy_min']:.1f}..{100 * r['panel_accuracy_max']:.1f}) | "
+              if panel and "panel_accuracy_mean" in r else ("– | " if panel else ""))
         lines.append(
             f"| {r['shots']} | {r['draws']} | {_span(r['train_images'])} | {_span(r['held_out_images'])} | "
             f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
-            f"({100 * r['accuracy_min']:.1f}..{100 * r['accuracy_max']:.1f}) | "
+            f"({100 * r['accuracy_min']:.1f}..{100 * r['accuracy_max']:.1f}) | {on}"
             f"{100 * r['macro_f1_mean']:.1f} ± {100 * r['macro_f1_std']:.1f} "
             f"({100 * r['macro_f1_min']:.1f}..{100 * r['macro_f1_max']:.1f}) | {r['seconds_mean']:.0f} |")
     load = result["load_average"]
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.shots:
             for seed in range(args.draws):
                 runs.append(run_finetune(args.from_run, args.data, out / f"finetune_k{k}_s{seed}", k, seed,
-                                         args.epochs, args.threads, args.force, args.tta))
+                                         args.epochs, args.threads, args.force, args.tta, args.panel))
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks.finetune_kshot " + " ".join(argv if argv is not None else sys.argv[1:]),
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
-              "tta": args.tta, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+              "tta": args.tta, "panel": args.panel or None, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))
     atomic_write_text(out / "finetune_kshot.md", format_markdown(result))

@@ -198,3 +198,26 @@ def test_finetune_extras_compares_with_the_plain_finetune(mode: str, smoke_run: 
         assert re.search(r"half 0: (\d+) of \1 unlabelled kept", caplog.text), caplog.text
     assert extras_main(["--from", str(smoke_run), "--data", str(new_lab), "--mode", mode]) == 2
     assert "classes the checkpoint does not know (newcell)" in caplog.text
+
+
+def test_finetune_reports_the_held_out_accuracy_on_a_panel(smoke_run: Path, new_lab: Path, tmp_path: Path,
+                                                           caplog) -> None:
+    """--panel: the app's answer on a lab's panel (every held-out label is on it here, so it can only be as
+    right or more right than the model's own answer); a panel naming an unknown class exits 2 naming it."""
+    from benchmarks.finetune_kshot import format_markdown, summarise
+
+    panel = "lymphocyte,monocyte,neutrophil,newcell"
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(tmp_path / "p"), "--shots", "2",
+                 "--epochs", "1", "--panel", panel]) == 0
+    result = json.loads((tmp_path / "p" / "finetune.json").read_text())
+    assert result["panel"] == panel and result["held_out_accuracy_panel"] >= result["held_out_accuracy"]
+    rows = summarise([{**result, "wall_s": 1.0}])
+    assert rows[0]["panel_accuracy_mean"] == result["held_out_accuracy_panel"]
+    md = format_markdown({"from": "r", "data": "d", "command": "c", "epochs": 1, "threads": 0, "summary": rows,
+                          "panel": panel, "load_average": {"before": 0.0, "after": 0.0},
+                          "machine": {"cpu_model": "CPU X", "processor": "", "cpu_count": 2, "usable_cores": 2,
+                                      "system": "Linux", "python": "3"}})
+    assert f"accuracy on the {panel} panel" in md and f"{100 * result['held_out_accuracy_panel']:.1f} ± 0.0" in md
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(tmp_path / "q"), "--shots", "2",
+                 "--epochs", "1", "--panel", "lymphocyte,blast"]) == 2
+    assert "blast" in caplog.text and not (tmp_path / "q" / "best.pt").exists()

@@ -47,6 +47,7 @@ class FinetuneConfig:
     image_size: int = 0         # >0: fine-tune (and export) at this input size instead of the parent's
     soup: int = 1               # >1: train this many times from the parent (other draw orders) and average the weights
     tta: str = "none"           # held-out evaluation with the test-time augmentation `export --tta` will put in the graph
+    panel: str = ""             # also report the held-out accuracy on this cellcore.panels panel (as the app applies it)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f"draw orders and average the weights (default {d.soup}: once)")
     p.add_argument("--tta", default=d.tta, choices=("none", "dihedral8"),
                    help="evaluate the held-out images as `python -m export --tta` will run them (default none)")
+    p.add_argument("--panel", default=d.panel, help="also report the held-out accuracy on this panel, as the app "
+                   "answers when a lab picks it (wbc5, wbc6 or a class list; default: none)")
     return p
 
 
@@ -220,6 +223,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     samples = scan_dataset(cfg.data, ClassMap.load(cfg.class_map or None), seed=cfg.seed)
     new = [c for c in samples.classes if c not in classes]
     all_classes = classes + new
+    from cellcore.panels import resolve_panel
+
+    on_panel = resolve_panel(cfg.panel, all_classes)  # PanelError (a ValueError) before any training
     if new:
         log.info("classes the checkpoint does not know get new outputs: %s", ", ".join(new))
         widen_head(model, len(classes), len(all_classes))
@@ -272,11 +278,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model.load_state_dict(average_weights(ingredients))
     model.eval()
     model.tta = check_tta(cfg.tta)  # eval only: the checkpoint below holds the same weights either way
-    rep = None
+    rep, acc_panel = None, None
     if val_c is not None and len(val_c):
-        logits = predict_logits(model, to_tensor_nchw(val_c.images), torch.device("cpu"))
+        logits = predict_logits(model, to_tensor_nchw(val_c.images), torch.device("cpu"))  # [N, C]
         rep = report(val_c.labels, logits.argmax(1).numpy(), all_classes)
         log.info("held-out (%d images):\n%s", len(val_c), format_report(rep))
+        if on_panel is not None:  # the app's answer on the panel: the most probable of its classes
+            z = logits.numpy()
+            masked = np.where(np.isin(np.arange(z.shape[1]), on_panel), z, -np.inf)
+            acc_panel = float((masked.argmax(1) == np.asarray(val_c.labels)).mean())
+            log.info("held-out accuracy on the %s panel: %.4f", cfg.panel, acc_panel)
     stain_hue = union_stain_hue(parent_stain_hue(ckpt, ckpt_path),
                                 stain_hue_range([Path(samples.root) / samples.paths[i] for i in tr]))
     wall = time.time() - t_start
@@ -296,7 +307,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     result = {"from": str(ckpt_path), "shots": cfg.shots, "seed": cfg.seed, "train_images": len(train_c),
               "held_out_images": len(va), "wall_s": round(wall, 1), "held_out_accuracy": metrics["val_acc"],
               "held_out_macro_f1": metrics["val_macro_f1"], "classes": all_classes, "new_classes": new,
-              "tta": cfg.tta}
+              "tta": cfg.tta, "panel": cfg.panel or None, "held_out_accuracy_panel": acc_panel}
     atomic_write_text(run_dir / "finetune.json", json.dumps(result, indent=1))
     log.info("fine-tuned in %.1f s -> %s (held-out accuracy %.4f)", wall, run_dir / "best.pt", metrics["val_acc"])
     return result
@@ -312,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None)
     try:
         finetune(FinetuneConfig(**vars(args)))
-    except (CheckpointError, DatasetError, FileExistsError, ValueError) as exc:
+    except (CheckpointError, DatasetError, FileExistsError, ValueError) as exc:  # incl. cellcore PanelError
         log.error("%s", exc)
         return 2
     return 0
