@@ -7,13 +7,23 @@
 # round 3: the crosslab preset against MixStyle, heavier low resolution and more grayscale, three seeds each
 # (12 runs at once, evaluated with the 8-view TTA, per-class recall); round 4: the crosslab preset against 48 px,
 # 48 px with the paper's larger mobilevit_xs (about 2x the compute of xxs at 64 px: inside the cpu budget) and
-# 48 px for 120 epochs, three seeds each. Tables: runs/gpu/tune_gpu*.md.
+# 48 px for 120 epochs, three seeds each; round 5 (what is left of a 15-minute loan): mobilevit_s at 48 px and
+# mobilevit_xs at 40 px, two seeds each, 4 runs at once. Tables: runs/gpu/tune_gpu*.md.
 # EXTRA is appended to every candidate's flags (a dry run on CPU: EXTRA="--device cpu --epochs 1
 # --max-steps-per-epoch 2"); PARALLEL overrides rounds 3 and 4's 12.
 set -euo pipefail
 DATA=${1:?training folder}; EVAL=${2:?other lab folder}; ROUND=${3:-1}; EXTRA=${EXTRA:-}
 C="--device cuda --workers 2 --plots false --threads 1"
-if [[ $ROUND == 4 ]]; then
+if [[ $ROUND == 5 ]]; then
+  args=()
+  for s in 0 1; do
+    R="--compile off --seed $s $EXTRA"
+    args+=(--candidate "s48_s$s:--arch mobilevit_s --image-size 48 $C $R"
+           --candidate "xs40_s$s:--arch mobilevit_xs --image-size 40 $C $R")
+  done
+  python3 -m benchmarks.tune_cpu_preset --data "$DATA" --eval-data "$EVAL" --out runs/gpu --name tune_gpu5 \
+    --base-preset crosslab --tta dihedral8 --parallel "${PARALLEL:-4}" "${args[@]}"
+elif [[ $ROUND == 4 ]]; then
   args=()
   for s in 0 1 2; do
     R="--compile off --seed $s $EXTRA"
