@@ -108,8 +108,10 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
 
     from export.exporters import input_norm_nodes
 
-    norm = set(input_norm_nodes(run / "export" / "mobilevit_xxs_onnx_fp32.onnx"))
-    graph = onnx.load(str(run / "export" / "mobilevit_xxs_onnx_int8.onnx")).graph
+    arch = ckpt["arch"]
+    assert arch == "mobilevit_xs"  # the preset's model
+    norm = set(input_norm_nodes(run / "export" / f"{arch}_onnx_fp32.onnx"))
+    graph = onnx.load(str(run / "export" / f"{arch}_onnx_int8.onnx")).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
     assert len(norm) > 100 and len(norm) == sum(n.name in norm for n in graph.node)
     assert not [n.name for n in graph.node if n.name in norm and any(producer.get(i) == "DequantizeLinear"
@@ -148,8 +150,7 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
     assert rec["panel"] == table["panel"] == "wbc5" and rec["images"] == 30
     ref = next(r for r in table["rows"] if r["file"] == "best.pt")
     assert ref["accuracy_panel"] >= ref["accuracy"] - 1e-9 >= 0  # crosslab's labels are all on the panel
-    assert {r["file"] for r in table["rows"]} == {"best.pt", "mobilevit_xxs_onnx_fp32.onnx",
-                                                   "mobilevit_xxs_onnx_int8.onnx"}
+    assert {r["file"] for r in table["rows"]} == {"best.pt", f"{arch}_onnx_fp32.onnx", f"{arch}_onnx_int8.onnx"}
     assert all(r["accuracy_panel"] is not None and r["flagged_off_panel"] is not None for r in table["rows"])
     assert "accuracy on the panel" in (run / "export" / "verify_crosslab_dev_panel_wbc5.md").read_text()
 

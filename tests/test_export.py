@@ -356,3 +356,21 @@ def test_tta_export_is_the_mean_over_rotations_and_mirrors_in_every_runtime(fmt:
 def test_unknown_tta_is_refused_with_the_valid_choices(smoke_run: Path) -> None:
     with pytest.raises(ValueError, match="valid: none, dihedral8"):
         model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"), tta="rot4")
+
+
+@pytest.mark.parametrize("right, passes", [(170, True), (169, False)])  # PyTorch 173 of 300: 1.0 / 1.33 points
+def test_low_precision_gate_at_exactly_its_limit(right: int, passes: bool) -> None:
+    """3 of 300 images is exactly the 1-point limit (1.0000000000000009 in floating point) and passes; 4 fails."""
+    from export.verify import low_precision_gate
+
+    def rep(k: int) -> dict:
+        return {"accuracy": k / 300, "macro_f1": 0.5, "per_class": {"a": {"recall": 0.5, "support": 300}}}
+
+    assert low_precision_gate(rep(173), rep(right))[0] is passes
+
+
+def test_near_tie_marks_top2_gaps_under_the_tolerance() -> None:
+    from export.verify import near_tie
+
+    logits = np.array([[2.0, 2.0004, -1.0], [2.0, 2.01, -1.0], [5.0, 0.0, 4.9995]], dtype=np.float32)
+    assert near_tie(logits, 2e-3).tolist() == [True, False, True]
