@@ -97,8 +97,10 @@ def model_card(m: dict, artifact_file: str) -> str:
     ]
     for other, rec in (metrics.get("verify_other") or {}).items():
         r = (rec.get("results") or {}).get(artifact_file, {})
-        lines.append(f"- Also measured on `{other}` ({rec.get('images', '?')} images): accuracy "
-                     f"{_pct(r.get('accuracy'))}, flagged uncertain {_pct(r.get('flagged'))}.")
+        on_panel = (f"accuracy of the panel's answers {_pct(r.get('accuracy_panel'))} (the model's own answers "
+                    f"{_pct(r.get('accuracy'))}; images of classes off the panel count as wrong)" if rec.get("panel") else f"accuracy {_pct(r.get('accuracy'))}")
+        lines.append(f"- Also measured on `{other}` ({rec.get('images', '?')} images): {on_panel}, flagged uncertain "
+                     f"{_pct(r.get('flagged'))}, right when not flagged {_pct(r.get('accuracy_unflagged'))}.")
     lines += [
         "- Not tested: other labs' scanners, cameras and stains (a model trained on one lab's images can be badly "
         "wrong on another's: see the README, “Cells from other labs”; adapt it with `make finetune`), "

@@ -970,7 +970,9 @@ def _verify_lines(results: dict, formats: dict) -> list[str]:
         kind = f"{a.format} {a.precision}" if a else file
         ci = v.get("accuracy_ci95")
         ci_s = f" (95% CI {_pct(ci[0])}-{_pct(ci[1])})" if ci else ""
-        lines.append(f"    {kind}: accuracy {_pct(v.get('accuracy'))}{ci_s}, macro-F1 {_pct(v.get('macro_f1'))}, "
+        on_panel = (f" (panel's answers {_pct(v['accuracy_panel'])})" if v.get("accuracy_panel") is not None
+                    else "")
+        lines.append(f"    {kind}: accuracy {_pct(v.get('accuracy'))}{ci_s}{on_panel}, macro-F1 {_pct(v.get('macro_f1'))}, "
                      f"agreement with PyTorch {_pct(v.get('agreement'))}"
                      + (f" · verify {v['status']}" if v.get("status") in ("PASS", "FAILED") else ""))
     return lines
