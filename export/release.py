@@ -27,7 +27,7 @@ BUNDLE_FORMATS = ("onnx", "executorch")
 class ReleaseConfig:
     data: str = "../shared/data/pbc_dev"
     # The crosslab preset since issue 9: the same PBC test accuracy as the cpu preset's shipped run within its
-    # interval, 5.7x its accuracy on another lab's cells, platelet answers flagged (README "Cells from other labs").
+    # interval, 8x its accuracy on another lab's cells, platelet answers flagged (README "Cells from other labs").
     run_dir: str = "runs/release-crosslab"
     preset: str = "crosslab"
     dest: str = "mobile_app/assets/model"
