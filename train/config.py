@@ -128,9 +128,9 @@ PRESETS: dict[str, dict] = {
     # cell_max_side 1.0: the square never reaches past the photo (no repeated edge pixels, which no PBC field has);
     # PBC test +0.9 and +0.7 in two same-seed pairs, the other lab -0.7 and +0.6 (README, runs/cap80(_s1)).
     # mobilevit_xs at 48 px (session 12): the paper's model, 2x xxs's parameters, at a size where 80 epochs still
-    # take 16 min here. Two full-data seeds against xxs at 64 px: the other lab +10.9 points (57.7/59.7% vs
-    # 52.3/43.3%), PBC test -0.3 (93.0/94.7% vs 92.4/95.8%); ahead on PBC in three GPU seeds on half the data
-    # (README "The lab's panel, and a larger model at 48 px"; runs/xs48(_s1), runs/gpu4).
+    # take 16 min here. Three full-data seeds against xxs at 64 px: the other lab +9.0 points (57.7/59.7/54.7% vs
+    # 52.3/43.3/49.3%), PBC test +0.6 (93.0/94.7/95.3% vs 92.4/95.8/92.8%); ahead on PBC in three GPU seeds on
+    # half the data (README "The lab's panel, and a larger model at 48 px"; runs/xs48(_s1,_s2), runs/gpu4).
     "crosslab": dict(arch="mobilevit_xs", image_size=48, batch_size=128, epochs=80, lr=2e-3, warmup_epochs=12,
                      weight_decay=0.01, ema_decay=0.0, augment="robust_soft", input_norm="od_sharp", crop="cell",
                      cell_min_side=0.45, cell_max_side=1.0, label_smoothing=0.1, grad_clip=1.0),
