@@ -64,30 +64,48 @@ class _CalibReader:
         return None if x is None else {INPUT_NAME: x[None].astype(np.float32)}
 
 
-# The dynamo ONNX exporter names each node's module path in its "namespace" metadata; the model's input
-# normalisation (train.models.InputNorm, attribute `norm` of the Classifier) appears as this.
-_NORM_SCOPE = "/norm: train.models.InputNorm"
+# The dynamo ONNX exporter names each node's module path in its "namespace" metadata ("<Type>/<fqn>: <Type>/...").
+# What int8 files keep in fp32, by module path in the Classifier (fp32_nodes explains why): its input
+# normalisation, the classifier layer, and the feature distance export appends; plus the node that writes the
+# graph's output (the concatenation of logits and distance, or the mean over test-time views).
+FP32_MODULES = ("norm", "backbone.head.fc", "distance")
 
 
-def input_norm_nodes(onnx_path: Path) -> list[str]:
-    """Names of the nodes of the model's input normalisation, which int8 files keep in fp32.
+def fp32_nodes(onnx_path: Path, modules: tuple[str, ...] = FP32_MODULES, output: bool = True) -> list[str]:
+    """Names of the nodes of the Classifier's `modules` (and, with `output`, of the node writing the graph output),
+    which int8 files keep in fp32.
 
-    They compute small differences of pixel values (a high-pass, a sharpness, a background level): at 8 bits
-    od_sharp's unsharp mask measured 5% right instead of 53% (runs/odsharp80, crosslab_dev). A few elementwise
-    operations on a [1, 3, 64, 64] picture: fp32 costs nothing measurable beside the backbone.
+    - norm (train.models.InputNorm): small differences of pixel values (a high-pass, a sharpness, a background
+      level): at 8 bits od_sharp's unsharp mask measured 5% right instead of 53% (runs/odsharp80, crosslab_dev).
+    - backbone.head.fc, distance (train.distance.FeatureDistance) and the output: an int8 file rounded the logits
+      and the distance to one 8-bit grid at the output (three of five synthetic clumps got the same distance,
+      0.4257, runs/xs48 before session 13), so a picture near the confidence or distance threshold fell on
+      either side by rounding. They are one [1, D] row per picture; the backbone, where the compute is, stays int8.
+    fp32 costs nothing measurable beside the backbone (benchmarks.latency).
     """
     import onnx
 
+    scopes = [f"/{m}: " for m in modules]
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    outputs = {o.name for o in graph.output} if output else set()
     names = [n.name for n in graph.node
-             if any(m.key == "namespace" and _NORM_SCOPE in m.value for m in n.metadata_props)]
-    log.info("onnx int8: %d input-normalisation nodes kept in fp32", len(names))
+             if any(k.key == "namespace" and any(s in k.value for s in scopes) for k in n.metadata_props)
+             or outputs.intersection(n.output)]
+    log.info("onnx int8: %d nodes of %s%s kept in fp32", len(names), ", ".join(modules), " and the output" * output)
     return names
 
 
-def _outside_input_norm(node: "torch.fx.Node") -> bool:
-    """PT2E filter: False for nodes of the Classifier's `norm` module (kept in fp32, as in ONNX int8)."""
-    return not any(fqn == "norm" for fqn, _ in node.meta.get("nn_module_stack", {}).values())
+def input_norm_nodes(onnx_path: Path) -> list[str]:
+    """Names of the nodes of the model's input normalisation (fp32 in int8 files; fp32_nodes)."""
+    return fp32_nodes(onnx_path, ("norm",), output=False)
+
+
+def _outside_fp32_modules(node: "torch.fx.Node") -> bool:
+    """PT2E filter: False for the nodes fp32_nodes keeps in fp32 in ONNX int8 (FP32_MODULES, the output's writer)."""
+    if any(user.op == "output" for user in node.users):
+        return False
+    return not any(fqn in FP32_MODULES or fqn.startswith(tuple(m + "." for m in FP32_MODULES))
+                   for fqn, _ in node.meta.get("nn_module_stack", {}).values())
 
 
 def export_onnx_int8(ctx: ExportContext) -> dict:
@@ -101,10 +119,10 @@ def export_onnx_int8(ctx: ExportContext) -> dict:
     pre = ctx.out_dir / f".{ctx.arch}_onnx_pre.onnx"
     path = ctx.out_dir / f"{ctx.arch}_onnx_int8.onnx"
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    fp32_nodes = input_norm_nodes(src)  # from the fp32 file: quant_pre_process keeps node names, drops metadata
+    keep = fp32_nodes(src)  # from the fp32 file: quant_pre_process keeps node names, drops metadata
     quantize_static(str(pre), str(path), _CalibReader(ctx.calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=fp32_nodes,
+                    calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=keep,
                     extra_options={"CalibPercentile": 99.99})
     pre.unlink(missing_ok=True)
     log.info("onnx int8: calibrated on %d training images", len(ctx.calib))
@@ -140,8 +158,20 @@ def export_xnnpack_int8(ctx: ExportContext) -> dict:
     path = ctx.out_dir / f"{ctx.arch}_xnnpack_int8.pte"
     example = (ctx.example(1),)
     graph = torch.export.export(ctx.model, example).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    quantizer.set_filter_function(_outside_input_norm)  # the input normalisation stays fp32 (input_norm_nodes)
+    class _Quantizer(XNNPACKQuantizer):
+        """XNNPACKQuantizer that leaves fp32_nodes' nodes alone: its filter function is not consulted by every
+        pattern (the output concatenation was still annotated, so logits and distance came out on an 8-bit grid:
+        23 distinct distances over 200 validation pictures), so the annotations are removed after the fact."""
+
+        def annotate(self, model):
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                if node.op == "call_function" and not _outside_fp32_modules(node):
+                    node.meta.pop("quantization_annotation", None)
+            return model
+
+    quantizer = _Quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer.set_filter_function(_outside_fp32_modules)  # input normalisation, head, distance: fp32 (fp32_nodes)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for i in range(len(ctx.calib)):

@@ -31,7 +31,9 @@ class ReleaseConfig:
     run_dir: str = "runs/release-crosslab"
     preset: str = "crosslab"
     dest: str = "mobile_app/assets/model"
-    max_mb: float = 3.0   # what may go into git
+    # what may go into git. 3.5: mobilevit_xs int8 with its feature distance in fp32 (one 384 x 384 matrix,
+    # +0.45 MB; at int8 the distance was off by 65-78% of itself, README "int8 files keep the distance in fp32")
+    max_mb: float = 3.5
     also_verify: tuple[str, ...] = ()  # other labelled folders (other labs) measured before bundling: on the card
     # PBC's platelet class is a field with platelets and red cells and no white cell: the app flags it
     not_a_white_cell: tuple[str, ...] = ("platelet",)

@@ -106,7 +106,7 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
     # od_sharp's unsharp mask (Mul, Add: ops the int8 quantiser would take) stays fp32 in the int8 file
     import onnx
 
-    from export.exporters import input_norm_nodes
+    from export.exporters import fp32_nodes, input_norm_nodes
 
     arch = ckpt["arch"]
     assert arch == "mobilevit_xs"  # the preset's model
@@ -117,6 +117,13 @@ def test_crosslab_preset_end_to_end_app_equals_pytorch_on_both_labs(pbc_sample: 
     assert not [n.name for n in graph.node if n.name in norm and any(producer.get(i) == "DequantizeLinear"
                                                                         for i in n.input)]
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) > 50  # the backbone is int8
+    # the classifier layer, the feature distance and the output are not quantised either: nothing they compute
+    # is rounded to 8 bits (fp32_nodes)
+    tail = set(fp32_nodes(run / "export" / f"{arch}_onnx_fp32.onnx")) - norm
+    consumers = {i: n.op_type for n in graph.node for i in n.input}
+    assert len(tail) > 5 and tail <= {n.name for n in graph.node}
+    assert not [n.name for n in graph.node if n.name in tail and any(consumers.get(o) == "QuantizeLinear"
+                                                                        for o in n.output)]
     assert Preprocessing.from_dict(manifest["preprocessing"]) == prep
     assert manifest["uncertainty"]["not_a_white_cell"] == ["platelet"]
     photos = sorted(pbc_sample.rglob("*.jpg"))[::7][:8] + sorted(crosslab.rglob("*.bmp"))[::40]
