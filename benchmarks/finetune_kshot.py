@@ -44,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per fine-tune (0: torch's default)")
     p.add_argument("--tta", default="none", choices=("none", "dihedral8"),
                    help="held-out evaluation with this test-time augmentation (passed to train.finetune)")
+    p.add_argument("--head-epochs", type=int, default=0, help="passed to train.finetune: first train only the "
+                   "classifier layer this many epochs (LP-FT; default 0: off)")
     p.add_argument("--panel", default="", help="also report the held-out accuracy on this panel (train.finetune "
                    "--panel: wbc5, wbc6 or a class list)")
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose complete results already exist")
@@ -70,13 +72,13 @@ def cpu_info() -> dict:
 
 
 def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None, tta: str = "none",
-                 panel: str = "") -> dict:
+                 panel: str = "", head_epochs: int = 0) -> dict:
     """What a finished run must have been made with for it to be reused."""
     from train.finetune import FinetuneConfig
 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
             "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta,
-            **({"panel": panel} if panel else {})}
+            **({"panel": panel} if panel else {}), **({"head_epochs": head_epochs} if head_epochs else {})}
 
 
 def completed(run_dir: Path, settings: dict) -> dict | None:
@@ -94,9 +96,10 @@ def completed(run_dir: Path, settings: dict) -> dict | None:
 
 
 def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int, epochs: int | None = None,
-                 threads: int = 0, force: bool = False, tta: str = "none", panel: str = "") -> dict:
+                 threads: int = 0, force: bool = False, tta: str = "none", panel: str = "",
+                 head_epochs: int = 0) -> dict:
     """One fine-tune in a child process; its finetune.json plus the process's own wall seconds."""
-    settings = run_settings(from_run, data, shots, seed, epochs, tta, panel)
+    settings = run_settings(from_run, data, shots, seed, epochs, tta, panel, head_epochs)
     if not force and (done := completed(run_dir, settings)) is not None:
         log.info("k=%d seed=%d: reusing the complete run in %s", shots, seed, run_dir)
         return {**done, "reused": True}
@@ -113,6 +116,8 @@ def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int,
         cmd += ["--tta", tta]
     if panel:
         cmd += ["--panel", panel]
+    if head_epochs:
+        cmd += ["--head-epochs", str(head_epochs)]
     log.info("k=%d seed=%d: %s", shots, seed, " ".join(cmd))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -162,7 +167,8 @@ def format_markdown(result: dict) -> str:
     lines = [f"# Few-shot fine-tuning: {result['from']} on {result['data']}", "",
              f"`{result['command']}`", "",
              f"K random images per class to train on (all of a class with K or fewer), the rest held out; "
-             f"{result['epochs']} epochs, final epoch kept. Mean ± sample std over the draws (seeds), "
+             + (f"first {result['head_epochs']} epochs of the classifier layer alone, then " if result.get("head_epochs") else "")
+             + f"{result['epochs']} epochs, final epoch kept. Mean ± sample std over the draws (seeds), "
              f"min..max in brackets. Seconds: train.finetune's wall time per fine-tune. Held-out images evaluated "
              f"with test-time augmentation {result.get('tta', 'none')}.", "",
              "| k | draws | train images | held-out images | accuracy % mean ± std (min..max) | "
@@ -211,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.shots:
             for seed in range(args.draws):
                 runs.append(run_finetune(args.from_run, args.data, out / f"finetune_k{k}_s{seed}", k, seed,
-                                         args.epochs, args.threads, args.force, args.tta, args.panel))
+                                         args.epochs, args.threads, args.force, args.tta, args.panel,
+                                         args.head_epochs))
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks.finetune_kshot " + " ".join(argv if argv is not None else sys.argv[1:]),
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
-              "tta": args.tta, "panel": args.panel or None, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+              "tta": args.tta, "panel": args.panel or None, "head_epochs": args.head_epochs, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))
     atomic_write_text(out / "finetune_kshot.md", format_markdown(result))

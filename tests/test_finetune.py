@@ -221,3 +221,35 @@ def test_finetune_reports_the_held_out_accuracy_on_a_panel(smoke_run: Path, new_
     assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(tmp_path / "q"), "--shots", "2",
                  "--epochs", "1", "--panel", "lymphocyte,blast"]) == 2
     assert "blast" in caplog.text and not (tmp_path / "q" / "best.pt").exists()
+
+
+def test_head_epochs_train_the_classifier_layer_alone_first(smoke_run: Path, new_lab: Path, tmp_path: Path,
+                                                           caplog) -> None:
+    """LP-FT: the head phase moves the classifier layer and nothing else (weights and BatchNorm statistics), on
+    real cells; then the whole network trains, and the run records it. Bad values exit 2 before any training."""
+    import numpy as np
+
+    from train.data import load_rgb
+    from train.finetune import FinetuneConfig, train_steps
+
+    model, prep, classes = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"))
+    files = [f for c in ("neutrophil", "lymphocyte") for f in sorted((new_lab / c).iterdir())]
+    x = torch.from_numpy(np.stack([np.asarray(prep.apply(load_rgb(f))) for f in files])).permute(0, 3, 1, 2)
+    y = torch.tensor([classes.index(f.parent.name) for f in files])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head = {f"backbone.{n}" for n, _ in model.backbone.named_parameters() if n.startswith("head.fc.")}
+    assert head == {"backbone.head.fc.weight", "backbone.head.fc.bias"}
+    train_steps(model, x.contiguous(), y, None, torch.ones(len(y)), None, 0.0,
+                FinetuneConfig(head_epochs=2, batch_size=4), seed=0, head_only=True)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == head, moved  # BatchNorm running statistics included: the network ran in eval mode
+    assert all(p.requires_grad for p in model.parameters())  # the next phase trains everything
+    run_dir = tmp_path / "lpft"
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(run_dir), "--shots", "2",
+                 "--epochs", "1", "--head-epochs", "1"]) == 0
+    assert load_checkpoint(run_dir / "best.pt")["finetune"]["head_epochs"] == 1
+    assert "finetune head epoch 1/1" in caplog.text and "finetune epoch 1/1" in caplog.text
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(tmp_path / "bad"),
+                 "--head-epochs", "-1"]) == 2
+    assert "--head-epochs -1" in caplog.text and not (tmp_path / "bad").exists()

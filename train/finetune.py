@@ -48,6 +48,10 @@ class FinetuneConfig:
     soup: int = 1               # >1: train this many times from the parent (other draw orders) and average the weights
     tta: str = "none"           # held-out evaluation with the test-time augmentation `export --tta` will put in the graph
     panel: str = ""             # also report the held-out accuracy on this cellcore.panels panel (as the app applies it)
+    # >0: first train only the classifier layer this many epochs (the network frozen), then everything: "LP-FT"
+    # (Kumar et al. 2022), so the whole network is not first pulled by a head that fits PBC's classes
+    head_epochs: int = 0
+    head_lr: float = 1e-2       # the classifier layer alone: a linear model, so a larger rate
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f"draw orders and average the weights (default {d.soup}: once)")
     p.add_argument("--tta", default=d.tta, choices=("none", "dihedral8"),
                    help="evaluate the held-out images as `python -m export --tta` will run them (default none)")
+    p.add_argument("--head-epochs", type=int, default=d.head_epochs, help="first train only the classifier layer "
+                   f"this many epochs, then the whole network --epochs (LP-FT; default {d.head_epochs}: off)")
+    p.add_argument("--head-lr", type=float, default=d.head_lr, help=f"learning rate of that phase (default {d.head_lr})")
     p.add_argument("--panel", default=d.panel, help="also report the held-out accuracy on this panel, as the app "
                    "answers when a lab picks it (wbc5, wbc6 or a class list; default: none)")
     return p
@@ -153,25 +160,33 @@ def average_weights(state_dicts: list[dict]) -> dict:
     return out
 
 
-def train_steps(model, x_all, y_all, src_all, w, augment, smoothing: float, cfg: FinetuneConfig, seed: int) -> None:
-    """cfg.epochs of class-balanced draws (weights `w`) from the cached shots, AdamW with a cosine decay.
+def train_steps(model, x_all, y_all, src_all, w, augment, smoothing: float, cfg: FinetuneConfig, seed: int,
+                head_only: bool = False) -> None:
+    """cfg.epochs of class-balanced draws (weights `w`) from the cached shots, AdamW with a cosine decay; with
+    `head_only`, cfg.head_epochs at cfg.head_lr of the classifier layer alone (the rest frozen, in eval mode).
 
     x_all: [N, 3, S, S] uint8 (the preprocessed shots); src_all: the larger sources some augments crop from.
     """
     import torch
     import torch.nn.functional as F
 
+    epochs, lr = (cfg.head_epochs, cfg.head_lr) if head_only else (cfg.epochs, cfg.lr)
     steps_per_epoch = max(1, math.ceil(len(y_all) / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    total = steps_per_epoch * epochs
+    params = list(model.backbone.get_classifier().parameters()) if head_only else list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(not head_only)
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     torch.manual_seed(seed)  # dropout and any other global draws: each call reproducible on its own
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(1, cfg.epochs + 1):
+    model.train(not head_only)  # head only: BatchNorm statistics and dropout as the frozen network's
+    for epoch in range(1, epochs + 1):
         idx = torch.multinomial(w, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
         loss_sum = 0.0
         for s in range(steps_per_epoch):
@@ -188,7 +203,10 @@ def train_steps(model, x_all, y_all, src_all, w, augment, smoothing: float, cfg:
             opt.step()
             sched.step()
             loss_sum += loss.item()
-        log.info("finetune epoch %d/%d  train loss %.4f", epoch, cfg.epochs, loss_sum / steps_per_epoch)
+        log.info("finetune %sepoch %d/%d  train loss %.4f", "head " * head_only, epoch, epochs,
+                 loss_sum / steps_per_epoch)
+    for p in model.parameters():
+        p.requires_grad_(True)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -203,6 +221,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from train.models import check_tta
 
     t_start = time.time()
+    if cfg.head_epochs < 0 or cfg.head_lr <= 0:
+        raise ValueError(f"--head-epochs {cfg.head_epochs} / --head-lr {cfg.head_lr}: need epochs >= 0 and a rate > 0")
     run_dir = Path(cfg.run_dir)
     if (run_dir / "best.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a run (best.pt); choose another RUN name")
@@ -261,6 +281,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     # class-balanced draws: a new lab's few cells are as imbalanced as its slides
     w = torch.as_tensor(1.0 / np.bincount(train_c.labels, minlength=len(all_classes))[train_c.labels])
     smoothing = float(base_cfg.get("label_smoothing", 0.0))
+    if cfg.head_epochs > 0:
+        train_steps(model, x_all, y_all, src_all, w, augment, smoothing, cfg, cfg.seed, head_only=True)
     if cfg.soup <= 1:
         train_steps(model, x_all, y_all, src_all, w, augment, smoothing, cfg, cfg.seed)
     else:
