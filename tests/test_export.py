@@ -384,3 +384,27 @@ def test_near_tie_marks_top2_gaps_under_the_tolerance() -> None:
 
     logits = np.array([[2.0, 2.0004, -1.0], [2.0, 2.01, -1.0], [5.0, 0.0, 4.9995]], dtype=np.float32)
     assert near_tie(logits, 2e-3).tolist() == [True, False, True]
+
+
+def test_int8_fidelity_benchmark_compares_every_file_with_onnx_fp32(export_copy: Path, caplog) -> None:
+    """benchmarks.int8_fidelity on real validation photos: fp32 ExecuTorch equals the ONNX reference, int8 files
+    differ a little but their distances are not on a grid; a run without a distance column exits 2 saying so."""
+    import json
+
+    from benchmarks.int8_fidelity import main as fidelity
+
+    assert fidelity(["--run-dir", str(export_copy), "--images", "16"]) == 0
+    rows = json.loads((export_copy / "bench" / "int8_fidelity.json").read_text())["rows"]
+    by = {Path(f).name.split("_", 2)[2]: r for f, r in rows.items()}  # mobilevit_xxs_<what>
+    assert set(by) == {"xnnpack_fp32.pte", "onnx_int8.onnx", "xnnpack_int8.pte"}
+    n = by["xnnpack_fp32.pte"]["images"]
+    assert n >= 8 and by["xnnpack_fp32.pte"]["distance_mean_rel_diff"] < 1e-3
+    for f in ("onnx_int8.onnx", "xnnpack_int8.pte"):
+        assert by[f]["distinct_distances"] == n and 0 < by[f]["distance_mean_abs_diff"], by[f]
+    assert "| distinct distances |" in (export_copy / "bench" / "int8_fidelity.md").read_text()
+    m = json.loads((export_copy / "export" / "manifest.json").read_text())
+    for a in m["artifacts"]:
+        a["feature_distance_column"] = None
+    (export_copy / "export" / "manifest.json").write_text(json.dumps(m))
+    assert fidelity(["--run-dir", str(export_copy)]) == 2
+    assert "carry no feature distance column" in caplog.text
