@@ -232,6 +232,7 @@ def test_head_epochs_train_the_classifier_layer_alone_first(smoke_run: Path, new
     from train.data import load_rgb
     from train.finetune import FinetuneConfig, train_steps
 
+    caplog.set_level("INFO", logger="train")  # whatever level an earlier test left the logger at
     model, prep, classes = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"))
     files = [f for c in ("neutrophil", "lymphocyte") for f in sorted((new_lab / c).iterdir())]
     x = torch.from_numpy(np.stack([np.asarray(prep.apply(load_rgb(f))) for f in files])).permute(0, 3, 1, 2)
