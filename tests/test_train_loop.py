@@ -100,10 +100,11 @@ def test_mismatched_resume_is_refused_naming_the_fields(change: list[str], field
                                                         pbc_sample: Path, caplog) -> None:
     from train.cli import main
 
-    before = (smoke_run / "last.pt").stat().st_mtime
+    before, config = (smoke_run / "last.pt").stat().st_mtime, (smoke_run / "config.yaml").read_text()
     assert main(["--config", str(smoke_run / "config.yaml"), "--run-dir", str(smoke_run), "--resume", *change]) == 2
     assert f"{field} was" in caplog.text and "Start over" in caplog.text
     assert (smoke_run / "last.pt").stat().st_mtime == before
+    assert (smoke_run / "config.yaml").read_text() == config  # the refused config does not replace the run's own
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -190,7 +190,7 @@ def fit(cfg: TrainConfig) -> dict:
     log.info("preset=%s arch=%s size=%d batch=%d epochs=%d lr=%g device=%s world=%d threads=%d precision=%s "
              "compile=%s", cfg.preset, cfg.arch, cfg.image_size, cfg.batch_size, cfg.epochs, cfg.lr, device,
              dist.world_size, torch.get_num_threads(), precision.name, "on" if use_compile else "off")
-    if dist.main:
+    if dist.main and not cfg.resume:  # a resumed run's config is saved only once it is known to match last.pt
         cfg.save(run_dir / "config.yaml")
 
     train_c, val_c, samples = prepare_data(cfg, run_dir, dist)
@@ -250,6 +250,8 @@ def fit(cfg: TrainConfig) -> dict:
                 f"{last} cannot be resumed with this config: " + "; ".join(f"{k} was {a!r}, now {b!r}"
                                                                             for k, (a, b) in diff.items())
                 + f". Start over with another RUN name (or delete {run_dir}); only --epochs may change, to extend it.")
+        if dist.main:
+            cfg.save(run_dir / "config.yaml")
         model.load_state_dict(ck["model_raw"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
