@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="held-out evaluation with this test-time augmentation (passed to train.finetune)")
     p.add_argument("--head-epochs", type=int, default=0, help="passed to train.finetune: first train only the "
                    "classifier layer this many epochs (LP-FT; default 0: off)")
+    p.add_argument("--image-size", type=int, default=0, help="passed to train.finetune: fine-tune (and export) at "
+                   "this input size instead of the parent's (default 0: the parent's)")
     p.add_argument("--panel", default="", help="also report the held-out accuracy on this panel (train.finetune "
                    "--panel: wbc5, wbc6 or a class list)")
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose complete results already exist")
@@ -72,13 +74,17 @@ def cpu_info() -> dict:
 
 
 def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None, tta: str = "none",
-                 panel: str = "", head_epochs: int = 0) -> dict:
+                 panel: str = "", head_epochs: int = 0, image_size: int = 0) -> dict:
     """What a finished run must have been made with for it to be reused."""
     from train.finetune import FinetuneConfig
 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
             "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta,
-            **({"panel": panel} if panel else {}), **({"head_epochs": head_epochs} if head_epochs else {})}
+            **({"panel": panel} if panel else {}), "head_epochs": head_epochs, "image_size": image_size}
+
+
+# settings a run made before the option existed was made with (its config.yaml does not name them)
+_BEFORE_THE_OPTION = {"head_epochs": 0, "image_size": 0}
 
 
 def completed(run_dir: Path, settings: dict) -> dict | None:
@@ -90,16 +96,17 @@ def completed(run_dir: Path, settings: dict) -> dict | None:
         ft = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("finetune") or {}
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    if not (run_dir / "best.pt").is_file() or any(ft.get(k) != v for k, v in settings.items()):
+    if not (run_dir / "best.pt").is_file() or any(ft.get(k, _BEFORE_THE_OPTION.get(k)) != v
+                                                  for k, v in settings.items()):
         return None
     return result
 
 
 def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int, epochs: int | None = None,
                  threads: int = 0, force: bool = False, tta: str = "none", panel: str = "",
-                 head_epochs: int = 0) -> dict:
+                 head_epochs: int = 0, image_size: int = 0) -> dict:
     """One fine-tune in a child process; its finetune.json plus the process's own wall seconds."""
-    settings = run_settings(from_run, data, shots, seed, epochs, tta, panel, head_epochs)
+    settings = run_settings(from_run, data, shots, seed, epochs, tta, panel, head_epochs, image_size)
     if not force and (done := completed(run_dir, settings)) is not None:
         log.info("k=%d seed=%d: reusing the complete run in %s", shots, seed, run_dir)
         return {**done, "reused": True}
@@ -118,6 +125,8 @@ def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int,
         cmd += ["--panel", panel]
     if head_epochs:
         cmd += ["--head-epochs", str(head_epochs)]
+    if image_size:
+        cmd += ["--image-size", str(image_size)]
     log.info("k=%d seed=%d: %s", shots, seed, " ".join(cmd))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -168,7 +177,8 @@ def format_markdown(result: dict) -> str:
              f"`{result['command']}`", "",
              f"K random images per class to train on (all of a class with K or fewer), the rest held out; "
              + (f"first {result['head_epochs']} epochs of the classifier layer alone, then " if result.get("head_epochs") else "")
-             + f"{result['epochs']} epochs, final epoch kept. Mean ± sample std over the draws (seeds), "
+             + f"{result['epochs']} epochs, final epoch kept"
+             + (f", at {result['image_size']} px" if result.get("image_size") else "") + ". Mean ± sample std over the draws (seeds), "
              f"min..max in brackets. Seconds: train.finetune's wall time per fine-tune. Held-out images evaluated "
              f"with test-time augmentation {result.get('tta', 'none')}.", "",
              "| k | draws | train images | held-out images | accuracy % mean ± std (min..max) | "
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.draws):
                 runs.append(run_finetune(args.from_run, args.data, out / f"finetune_k{k}_s{seed}", k, seed,
                                          args.epochs, args.threads, args.force, args.tta, args.panel,
-                                         args.head_epochs))
+                                         args.head_epochs, args.image_size))
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
@@ -227,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks.finetune_kshot " + " ".join(argv if argv is not None else sys.argv[1:]),
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
-              "tta": args.tta, "panel": args.panel or None, "head_epochs": args.head_epochs, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+              "tta": args.tta, "panel": args.panel or None, "head_epochs": args.head_epochs,
+              "image_size": args.image_size or None, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))
     atomic_write_text(out / "finetune_kshot.md", format_markdown(result))

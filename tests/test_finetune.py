@@ -254,3 +254,24 @@ def test_head_epochs_train_the_classifier_layer_alone_first(smoke_run: Path, new
     assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(tmp_path / "bad"),
                  "--head-epochs", "-1"]) == 2
     assert "--head-epochs -1" in caplog.text and not (tmp_path / "bad").exists()
+
+
+def test_kshot_benchmark_passes_the_input_size_and_reuses_only_a_matching_run(smoke_run: Path, new_lab: Path,
+                                                                             tmp_path: Path) -> None:
+    """`benchmarks.finetune_kshot --image-size`: the child fine-tune runs at that size, a second call reuses it,
+    and a call at the parent's size does not (it replaces the run); a plain run is not reused for LP-FT."""
+    from benchmarks.finetune_kshot import completed, run_finetune, run_settings
+
+    def size() -> int:
+        ckpt = load_checkpoint(run / "best.pt")
+        return model_from_checkpoint(ckpt, run / "best.pt")[1].input_size
+
+    parent = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"), smoke_run / "best.pt")[1].input_size
+    run = tmp_path / "k2_s0"
+    assert not run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1, image_size=96)["reused"]
+    assert size() == 96 != parent
+    assert run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1, image_size=96)["reused"]
+    assert not run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1)["reused"]
+    assert size() == parent
+    plain = run_settings(str(smoke_run), str(new_lab), SHOTS, 0, 1)
+    assert completed(run, plain) is not None and completed(run, {**plain, "head_epochs": 20}) is None  # nor LP-FT
