@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import random
 import statistics
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.data import ClassMap, ImageCache, Samples, load_split_samples, scan_dataset
     from train.engine import predict_logits, to_tensor_nchw
-    from train.finetune import FinetuneConfig, shot_split, train_steps
+    from train.finetune import FinetuneConfig, finetune_size, shot_split, train_steps
     from train.models import check_tta
 
     ckpt_path = Path(args.from_run) / "best.pt"
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = copy.deepcopy(model.state_dict())
     smoothing = float((ckpt.get("config") or {}).get("label_smoothing", 0.0))
     cfg = FinetuneConfig() if args.epochs is None else FinetuneConfig(epochs=args.epochs)
+    prep = dataclasses.replace(prep, input_size=finetune_size(cfg, prep.input_size))  # as train.finetune does
     augment = AUGMENTS[cfg.augment]
     lab = scan_dataset(args.data, ClassMap.load(None), seed=0)
     unknown = sorted(set(lab.classes) - set(classes))

@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, default=0, help="passed to train.finetune: first train only the "
                    "classifier layer this many epochs (LP-FT; default 0: off)")
     p.add_argument("--image-size", type=int, default=0, help="passed to train.finetune: fine-tune (and export) at "
-                   "this input size instead of the parent's (default 0: the parent's)")
+                   "exactly this input size (default 0: train.finetune's choice, the parent's but at least 96 px)")
     p.add_argument("--panel", default="", help="also report the held-out accuracy on this panel (train.finetune "
                    "--panel: wbc5, wbc6 or a class list)")
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose complete results already exist")
@@ -80,11 +80,12 @@ def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | 
 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
             "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta,
-            **({"panel": panel} if panel else {}), "head_epochs": head_epochs, "image_size": image_size}
+            **({"panel": panel} if panel else {}), "head_epochs": head_epochs, "image_size": image_size,
+            "min_image_size": FinetuneConfig().min_image_size}
 
 
 # settings a run made before the option existed was made with (its config.yaml does not name them)
-_BEFORE_THE_OPTION = {"head_epochs": 0, "image_size": 0}
+_BEFORE_THE_OPTION = {"head_epochs": 0, "image_size": 0, "min_image_size": 0}
 
 
 def completed(run_dir: Path, settings: dict) -> dict | None:
@@ -178,7 +179,9 @@ def format_markdown(result: dict) -> str:
              f"K random images per class to train on (all of a class with K or fewer), the rest held out; "
              + (f"first {result['head_epochs']} epochs of the classifier layer alone, then " if result.get("head_epochs") else "")
              + f"{result['epochs']} epochs, final epoch kept"
-             + (f", at {result['image_size']} px" if result.get("image_size") else "") + ". Mean ± sample std over the draws (seeds), "
+             + (f", at {result['image_size']} px" if result.get("image_size") else
+                f", at the parent's input size but at least {result['min_image_size']} px"
+                if result.get("min_image_size") else "") + ". Mean ± sample std over the draws (seeds), "
              f"min..max in brackets. Seconds: train.finetune's wall time per fine-tune. Held-out images evaluated "
              f"with test-time augmentation {result.get('tta', 'none')}.", "",
              "| k | draws | train images | held-out images | accuracy % mean ± std (min..max) | "
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
               "tta": args.tta, "panel": args.panel or None, "head_epochs": args.head_epochs,
-              "image_size": args.image_size or None, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+              "image_size": args.image_size or None, "min_image_size": FinetuneConfig().min_image_size, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))
     atomic_write_text(out / "finetune_kshot.md", format_markdown(result))

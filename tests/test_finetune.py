@@ -259,7 +259,7 @@ def test_head_epochs_train_the_classifier_layer_alone_first(smoke_run: Path, new
 def test_kshot_benchmark_passes_the_input_size_and_reuses_only_a_matching_run(smoke_run: Path, new_lab: Path,
                                                                              tmp_path: Path) -> None:
     """`benchmarks.finetune_kshot --image-size`: the child fine-tune runs at that size, a second call reuses it,
-    and a call at the parent's size does not (it replaces the run); a plain run is not reused for LP-FT."""
+    and a call with the default size does not (it replaces the run); a plain run is not reused for LP-FT."""
     from benchmarks.finetune_kshot import completed, run_finetune, run_settings
 
     def size() -> int:
@@ -268,10 +268,26 @@ def test_kshot_benchmark_passes_the_input_size_and_reuses_only_a_matching_run(sm
 
     parent = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"), smoke_run / "best.pt")[1].input_size
     run = tmp_path / "k2_s0"
-    assert not run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1, image_size=96)["reused"]
-    assert size() == 96 != parent
-    assert run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1, image_size=96)["reused"]
+    assert not run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1, image_size=80)["reused"]
+    assert size() == 80 != parent
+    assert run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1, image_size=80)["reused"]
     assert not run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1)["reused"]
-    assert size() == parent
+    assert size() == max(parent, 96)
     plain = run_settings(str(smoke_run), str(new_lab), SHOTS, 0, 1)
     assert completed(run, plain) is not None and completed(run, {**plain, "head_epochs": 20}) is None  # nor LP-FT
+
+
+@pytest.mark.parametrize("flags,expected", [([], "at least 96"), (["--min-image-size", "0"], "parent"),
+                                            (["--image-size", "72"], 72)])
+def test_finetune_input_size_is_the_parents_but_at_least_96_px_by_default(flags: list[str], expected,
+                                                                        smoke_run: Path, new_lab: Path,
+                                                                        tmp_path: Path) -> None:
+    """The default fine-tunes a small-input parent at 96 px (its own size if larger); --min-image-size 0 keeps the
+    parent's size and an explicit --image-size wins. The exported size is the checkpoint's."""
+    parent = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"), smoke_run / "best.pt")[1].input_size
+    run = tmp_path / "r"
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(run), "--shots", "2",
+                 "--epochs", "1", *flags]) == 0
+    size = model_from_checkpoint(load_checkpoint(run / "best.pt"), run / "best.pt")[1].input_size
+    want = {"at least 96": max(parent, 96), "parent": parent}.get(expected, expected)
+    assert size == want and (expected == "parent") == (size == parent)
