@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parent = copy.deepcopy(model.state_dict())
     smoothing = float((ckpt.get("config") or {}).get("label_smoothing", 0.0))
     cfg = FinetuneConfig() if args.epochs is None else FinetuneConfig(epochs=args.epochs)
-    prep = dataclasses.replace(prep, input_size=finetune_size(cfg, prep.input_size))  # as train.finetune does
+    # as train.finetune does for K shots per class (its median class has K images)
+    prep = dataclasses.replace(prep, input_size=finetune_size(cfg, prep.input_size, args.shots))
     augment = AUGMENTS[cfg.augment]
     lab = scan_dataset(args.data, ClassMap.load(None), seed=0)
     unknown = sorted(set(lab.classes) - set(classes))

@@ -81,11 +81,13 @@ def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
             "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta,
             **({"panel": panel} if panel else {}), "head_epochs": head_epochs, "image_size": image_size,
-            "min_image_size": FinetuneConfig().min_image_size}
+            "min_image_size": FinetuneConfig().min_image_size,
+            "upsize_min_per_class": FinetuneConfig().upsize_min_per_class}
 
 
-# settings a run made before the option existed was made with (its config.yaml does not name them)
-_BEFORE_THE_OPTION = {"head_epochs": 0, "image_size": 0, "min_image_size": 0}
+# settings a run made before the option existed was made with (its config.yaml does not name them): before
+# upsize_min_per_class, min_image_size applied whatever the number of shots
+_BEFORE_THE_OPTION = {"head_epochs": 0, "image_size": 0, "min_image_size": 0, "upsize_min_per_class": 0}
 
 
 def completed(run_dir: Path, settings: dict) -> dict | None:
@@ -160,6 +162,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         rows.append({"shots": k, "draws": len(rs), "seeds": [r["seed"] for r in rs],
                      "train_images": sorted({r["train_images"] for r in rs}),
                      "held_out_images": sorted({r["held_out_images"] for r in rs}),
+                     # the fine-tune's input size (finetune.json of runs older than session 15 does not say)
+                     "input_px": sorted({r["image_size"] for r in rs if r.get("image_size")}),
                      "accuracy_mean": statistics.fmean(acc), "accuracy_std": _std(acc),
                      "accuracy_min": min(acc), "accuracy_max": max(acc),
                      "macro_f1_mean": statistics.fmean(f1), "macro_f1_std": _std(f1),
@@ -181,19 +185,22 @@ def format_markdown(result: dict) -> str:
              + f"{result['epochs']} epochs, final epoch kept"
              + (f", at {result['image_size']} px" if result.get("image_size") else
                 f", at the parent's input size but at least {result['min_image_size']} px"
+                + (f" once the median class has {result['upsize_min_per_class']} training images"
+                   if result.get("upsize_min_per_class") else "")
                 if result.get("min_image_size") else "") + ". Mean ± sample std over the draws (seeds), "
              f"min..max in brackets. Seconds: train.finetune's wall time per fine-tune. Held-out images evaluated "
              f"with test-time augmentation {result.get('tta', 'none')}.", "",
-             "| k | draws | train images | held-out images | accuracy % mean ± std (min..max) | "
+             "| k | draws | train images | held-out images | input px | accuracy % mean ± std (min..max) | "
              + (f"accuracy on the {panel} panel % mean ± std (min..max) | " if (panel := result.get("panel")) else "")
              + "macro-F1 % mean ± std (min..max) | seconds (mean) |",
-             "|---|---|---|---|---|---|---|" + ("---|" if panel else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if panel else "")]
     for r in result["summary"]:
         on = (f"{100 * r['panel_accuracy_mean']:.1f} ± {100 * r['panel_accuracy_std']:.1f} "
               f"({100 * r['panel_accuracy_min']:.1f}..{100 * r['panel_accuracy_max']:.1f}) | "
               if panel and "panel_accuracy_mean" in r else ("– | " if panel else ""))
         lines.append(
             f"| {r['shots']} | {r['draws']} | {_span(r['train_images'])} | {_span(r['held_out_images'])} | "
+            f"{_span(r['input_px']) if r.get('input_px') else '–'} | "
             f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
             f"({100 * r['accuracy_min']:.1f}..{100 * r['accuracy_max']:.1f}) | {on}"
             f"{100 * r['macro_f1_mean']:.1f} ± {100 * r['macro_f1_std']:.1f} "
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
               "tta": args.tta, "panel": args.panel or None, "head_epochs": args.head_epochs,
-              "image_size": args.image_size or None, "min_image_size": FinetuneConfig().min_image_size, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+              "image_size": args.image_size or None, "min_image_size": FinetuneConfig().min_image_size,
+              "upsize_min_per_class": FinetuneConfig().upsize_min_per_class, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))
     atomic_write_text(out / "finetune_kshot.md", format_markdown(result))

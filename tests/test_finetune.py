@@ -96,7 +96,7 @@ def test_benchmark_summary_and_table() -> None:
     from benchmarks.finetune_kshot import format_markdown, summarise
 
     runs = [{"shots": k, "seed": s, "train_images": 4 * k, "held_out_images": 100 - 4 * k,
-             "held_out_accuracy": acc, "held_out_macro_f1": acc - 0.1, "wall_s": 10.0 * k}
+             "held_out_accuracy": acc, "held_out_macro_f1": acc - 0.1, "wall_s": 10.0 * k, "image_size": 48 * (k // 5)}
             for k, s, acc in [(5, 0, 0.8), (5, 1, 0.9), (10, 0, 0.95)]]
     rows = summarise(runs)
     assert [(r["shots"], r["draws"], r["train_images"]) for r in rows] == [(5, 2, [20]), (10, 1, [40])]
@@ -106,7 +106,8 @@ def test_benchmark_summary_and_table() -> None:
                           "load_average": {"before": 1.0, "after": 2.0},
                           "machine": {"cpu_model": "CPU X", "processor": "", "cpu_count": 2, "usable_cores": 2,
                                       "system": "Linux", "python": "3"}})
-    assert "| 5 | 2 | 20 | 80 | 85.0 ± 7.1 (80.0..90.0) | 75.0 ± 7.1 (70.0..80.0) | 50 |" in md
+    assert "| 5 | 2 | 20 | 80 | 48 | 85.0 ± 7.1 (80.0..90.0) | 75.0 ± 7.1 (70.0..80.0) | 50 |" in md
+    assert "| 10 | 1 | 40 | 60 | 96 | 95.0 ± 0.0" in md
     assert "CPU X" in md and "2 cores" in md
 
 
@@ -272,17 +273,22 @@ def test_kshot_benchmark_passes_the_input_size_and_reuses_only_a_matching_run(sm
     assert size() == 80 != parent
     assert run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1, image_size=80)["reused"]
     assert not run_finetune(str(smoke_run), str(new_lab), run, SHOTS, 0, epochs=1)["reused"]
-    assert size() == max(parent, 96)
+    assert size() == parent  # the default: SHOTS per class are too few to upsize
     plain = run_settings(str(smoke_run), str(new_lab), SHOTS, 0, 1)
     assert completed(run, plain) is not None and completed(run, {**plain, "head_epochs": 20}) is None  # nor LP-FT
 
 
-@pytest.mark.parametrize("flags,expected", [([], "at least 96"), (["--min-image-size", "0"], "parent"),
-                                            (["--image-size", "72"], 72)])
-def test_finetune_input_size_is_the_parents_but_at_least_96_px_by_default(flags: list[str], expected,
-                                                                        smoke_run: Path, new_lab: Path,
-                                                                        tmp_path: Path) -> None:
-    """The default fine-tunes a small-input parent at 96 px (its own size if larger); --min-image-size 0 keeps the
+@pytest.mark.parametrize("flags,expected", [
+    ([], "parent"),  # 2 shots per class: fewer than the default 10 the larger input needs
+    (["--upsize-min-per-class", "2"], "at least 96"),
+    (["--upsize-min-per-class", "3"], "parent"),  # the median class has 2 (monocyte has only 1)
+    (["--upsize-min-per-class", "2", "--min-image-size", "0"], "parent"),
+    (["--image-size", "72"], 72)])
+def test_finetune_input_size_is_the_parents_but_at_least_96_px_with_enough_cells(flags: list[str], expected,
+                                                                               smoke_run: Path, new_lab: Path,
+                                                                               tmp_path: Path) -> None:
+    """A small-input parent is fine-tuned at 96 px (its own size if larger) once the median class has
+    --upsize-min-per-class training images, at its own size with fewer; --min-image-size 0 always keeps the
     parent's size and an explicit --image-size wins. The exported size is the checkpoint's."""
     parent = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"), smoke_run / "best.pt")[1].input_size
     run = tmp_path / "r"
@@ -291,3 +297,5 @@ def test_finetune_input_size_is_the_parents_but_at_least_96_px_by_default(flags:
     size = model_from_checkpoint(load_checkpoint(run / "best.pt"), run / "best.pt")[1].input_size
     want = {"at least 96": max(parent, 96), "parent": parent}.get(expected, expected)
     assert size == want and (expected == "parent") == (size == parent)
+    result = json.loads((run / "finetune.json").read_text())
+    assert result["image_size"] == size and result["median_train_images_per_class"] == 2

@@ -45,10 +45,14 @@ class FinetuneConfig:
     seed: int = 0
     threads: int = 0
     image_size: int = 0         # >0: fine-tune (and export) at exactly this input size
-    # otherwise at the parent's size but no less than this: a lab's own few labelled cells carry detail that a small
-    # input chosen for transfer without labels drops. From the three 48 px crosslab runs, 96 px was +1.9 points at
-    # K = 10 over 30 paired draws of crosslab_dev (README, fine-tune); 0: always the parent's size
+    # otherwise at the parent's size but no less than this, once the median class has `upsize_min_per_class`
+    # training images: a lab's own labelled cells carry detail that a small input chosen for transfer without labels
+    # drops. From the three 48 px crosslab runs, 96 px was +1.9 points at K = 10 over 30 paired draws of
+    # crosslab_dev and +0.7 at K = 20 (10 draws); 0: always the parent's size
     min_image_size: int = 96
+    # ... but with fewer cells per class the larger input fits their spurious detail: at K = 5, 96 px (and 64 px)
+    # lost 3-4 points on average to 48 px, one draw in ten falling to 63% (48 px: 86-90% on every draw). README.
+    upsize_min_per_class: int = 10
     soup: int = 1               # >1: train this many times from the parent (other draw orders) and average the weights
     tta: str = "none"           # held-out evaluation with the test-time augmentation `export --tta` will put in the graph
     panel: str = ""             # also report the held-out accuracy on this cellcore.panels panel (as the app applies it)
@@ -76,7 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="which random images are the shots (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--min-image-size", type=int, default=d.min_image_size, help="without --image-size, fine-tune "
-                   f"at the parent's input size but at least this (default {d.min_image_size}; 0: the parent's)")
+                   f"at the parent's input size but at least this (default {d.min_image_size}; 0: the parent's) ...")
+    p.add_argument("--upsize-min-per-class", type=int, default=d.upsize_min_per_class, help="... when the median "
+                   f"class has at least this many training images (default {d.upsize_min_per_class})")
     p.add_argument("--image-size", type=int, default=d.image_size, help="input size in px for the fine-tuned "
                    "model (default 0: the parent's); MobileViT has no position embeddings, so its weights carry over")
     p.add_argument("--soup", type=int, default=d.soup, help="train this many times from the parent with other "
@@ -91,9 +97,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def finetune_size(cfg: FinetuneConfig, parent: int) -> int:
-    """The input size in px a fine-tune trains and exports at, for a parent trained at `parent` px."""
-    return cfg.image_size or max(parent, cfg.min_image_size)
+def finetune_size(cfg: FinetuneConfig, parent: int, per_class: float) -> int:
+    """The input size in px a fine-tune trains and exports at, for a parent trained at `parent` px and a training
+    set whose median class has `per_class` images."""
+    if cfg.image_size:
+        return cfg.image_size
+    return max(parent, cfg.min_image_size) if per_class >= cfg.upsize_min_per_class else parent
+
+
+def median_per_class(labels: list[int]) -> float:
+    """Median number of images over the classes present in `labels`."""
+    return float(np.median(np.unique(labels, return_counts=True)[1])) if len(labels) else 0.0
 
 
 def shot_split(labels: list[int], shots: int, seed: int) -> tuple[list[int], list[int]]:
@@ -246,11 +260,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     ckpt = load_checkpoint(ckpt_path)
     model, prep, classes = model_from_checkpoint(ckpt, ckpt_path)
     base_cfg = dict(ckpt.get("config") or {})
-    size = finetune_size(cfg, prep.input_size)
-    if size != prep.input_size:
-        log.info("input size %d px -> %d px", prep.input_size, size)
-        prep = dataclasses.replace(prep, input_size=size)
-        base_cfg["image_size"] = size
 
     samples = scan_dataset(cfg.data, ClassMap.load(cfg.class_map or None), seed=cfg.seed)
     new = [c for c in samples.classes if c not in classes]
@@ -275,6 +284,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not tr:
         raise DatasetError(f"{cfg.data}: no images to fine-tune on")
     save_split(run_dir / "split.json", samples, tr, va, cfg.seed, cfg.val_fraction if cfg.shots <= 0 else 0.0)
+    per_class = median_per_class([labels[i] for i in tr])
+    size = finetune_size(cfg, prep.input_size, per_class)
+    if size != prep.input_size:
+        log.info("input size %d px -> %d px (the median class has %g training images)", prep.input_size, size,
+                 per_class)
+        prep = dataclasses.replace(prep, input_size=size)
+        base_cfg["image_size"] = size
+    elif not cfg.image_size and cfg.min_image_size > size:
+        log.info("input size kept at the parent's %d px: the median class has %g training images, fewer than "
+                 "--upsize-min-per-class %d", size, per_class, cfg.upsize_min_per_class)
     pick = lambda idx: Samples(samples.root, [samples.paths[i] for i in idx],  # noqa: E731
                                [samples.labels[i] for i in idx], all_classes)
     augment_name = cfg.augment or base_cfg.get("augment", "dihedral")
@@ -341,7 +360,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     result = {"from": str(ckpt_path), "shots": cfg.shots, "seed": cfg.seed, "train_images": len(train_c),
               "held_out_images": len(va), "wall_s": round(wall, 1), "held_out_accuracy": metrics["val_acc"],
               "held_out_macro_f1": metrics["val_macro_f1"], "classes": all_classes, "new_classes": new,
-              "tta": cfg.tta, "panel": cfg.panel or None, "held_out_accuracy_panel": acc_panel}
+              "tta": cfg.tta, "panel": cfg.panel or None, "held_out_accuracy_panel": acc_panel,
+              "image_size": size, "median_train_images_per_class": per_class}
     atomic_write_text(run_dir / "finetune.json", json.dumps(result, indent=1))
     log.info("fine-tuned in %.1f s -> %s (held-out accuracy %.4f)", wall, run_dir / "best.pt", metrics["val_acc"])
     return result
