@@ -15,8 +15,8 @@ Schema version 1 (every key below is written by `python -m export`):
               "mean": [...], "std": [...], "normalization_in_model": true, ...,
               "app_steps": ["decode ...", ...]},          # what the app must do, in words
   "output":  {"name": "logits", "shape": [1, C] or [1, C + 1], "meaning": "..."},  # + the feature distance column
-  "uncertainty": {"threshold": 0.8, "rule": "...", "target_accuracy": 0.99,
-                  "val_accuracy_at_or_above": 0.995, "val_coverage": 0.93,
+  "uncertainty": {"threshold": 0.8, "rule": "...", "target_accuracy": 0.99, "target_met": true,
+                  "accuracy_at_or_above": 0.995, "coverage": 0.93,
                   "feature_distance": {"file": "feature_distance.npz", "column": C, "max_distance": 0.55, ...},
                   "per_artifact": {"<artifact file>": {"temperature": ..., "threshold": ..., "max_distance": ...}}},
   "metrics": {"training": {"val_acc": ..., "val_macro_f1": ..., ...},

@@ -86,12 +86,19 @@ def uncertainty_record(val_logits: np.ndarray, labels: np.ndarray, target: float
     t = fit_temperature(logits, labels)
     chosen = choose_threshold(UncertaintyRule(t).probabilities(logits), labels, target)
     if chosen["threshold"] is None:
-        log.warning("no threshold reaches %.0f%% accuracy on the validation images: every prediction of this model "
-                    "will be marked uncertain (threshold null)", 100 * target)
+        log.warning("no threshold keeps a right prediction on the validation images: every prediction of this model "
+                    "will be marked uncertain (threshold null)")
+    elif not chosen["target_met"]:
+        log.warning("no threshold reaches %.0f%% accuracy on the %d validation images: using %.3f, where the %d "
+                    "accepted predictions are %.2f%% right (the highest lower 95%% bound); pass --target-accuracy "
+                    "to choose another target", 100 * target, chosen["n"], chosen["threshold"], chosen["accepted"],
+                    100 * chosen["accuracy_at_or_above"])
     return {"temperature": round(t, 4), **chosen, "target_accuracy": target, "chosen_on": "validation split",
             "picture_checks": (checks or PictureChecks()).to_dict(),
             "rule": "uncertain if the picture checks fail, or max softmax(logits / temperature) < threshold "
-                    "(threshold null: always uncertain)"}
+                    "(the smallest at which accepted validation predictions reach target_accuracy; target_met "
+                    "false: none did, and this one has the most certainly accurate accepted predictions; "
+                    "threshold null: always uncertain)"}
 
 
 class ExportFailed(RuntimeError):

@@ -228,7 +228,8 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
     samples, source, val = eval_samples(cfg, ckpt, classes)
     unc = manifest.setdefault("uncertainty", {})
     checks = PictureChecks.from_dict(unc.get("picture_checks"))
-    keep = ("temperature", "threshold", "accuracy_at_or_above", "accuracy_ci95", "coverage", "n", "accepted")
+    keep = ("temperature", "threshold", "accuracy_at_or_above", "accuracy_ci95", "target_met", "coverage", "n",
+            "accepted")
     if val is not None:
         # Each format gets its own temperature and threshold, fitted on the validation split (an int8
         # model's probabilities are not fp32's); what is reported below is measured on other images.
@@ -309,6 +310,11 @@ def verify(cfg: VerifyConfig) -> tuple[list[dict], bool]:
             r["accuracy_ci95"] = wilson(round(r["accuracy"] * len(y)), len(y))
         if r.get("accuracy_panel") is not None:
             r["accuracy_panel_ci95"] = wilson(round(r["accuracy_panel"] * len(y)), len(y))
+        per = (unc.get("per_artifact") or {}).get(r.get("file", ""), {})
+        if per.get("target_met") is False and per.get("threshold") is not None:
+            r["note"] = "; ".join(x for x in (r["note"], (
+                f"threshold {per['threshold']:g} misses the {unc.get('target_accuracy', 0.99):.0%} target: accepted "
+                f"validation answers {per['accuracy_at_or_above']:.2%} right")) if x)
     fingerprint = samples.fingerprint()
     result = {"source": source, "images": int(len(y)), "fingerprint": fingerprint, "classes": classes,
               "passed": bool(ok), "rows": rows, "per_class": ref_rep["per_class"], "panel": cfg.panel or "all",

@@ -890,9 +890,16 @@ class CellClassifierApp(App):
         on = PANELS.get(self.panel) or m.classes
         lines += ["", f"[b]Panel[/b]: {panel_label(self.panel)} ({', '.join(on)})"]
         lines += ["", "[b]Uncertainty[/b]: " + uncertainty_text(self.classifier.rule)]
-        if unc.get("val_accuracy_at_or_above") is not None:
-            lines.append(f"  at or above it: validation accuracy {_pct(unc.get('val_accuracy_at_or_above'))} on "
-                         f"{_pct(unc.get('val_coverage'))} of cells")
+        # the record of the file in use (export.verify fits one per format), else the manifest's own
+        art = self.classifier.artifact
+        chosen = (unc.get("per_artifact") or {}).get(art.file if art is not None else "", unc)
+        if chosen.get("threshold") is not None and chosen.get("accuracy_at_or_above") is not None:
+            missed = chosen.get("target_met") is False
+            acc = chosen["accuracy_at_or_above"]  # 2 decimals when it missed: 98.99% is not "99.0%"
+            lines.append(f"  at or above it: validation accuracy {f'{100 * acc:.2f} %' if missed else _pct(acc)} on "
+                         f"{_pct(chosen.get('coverage'))} of cells"
+                         + (f", [color=ffaa33]under the {_pct(unc.get('target_accuracy'))} target: no threshold "
+                            f"reached it[/color]" if missed else ""))
         if error:
             lines += ["", f"[color=ff6666]{error}[/color]"]
         lines += ["", f"[b]Notice[/b]: {m.notice}"]

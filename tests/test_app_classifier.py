@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +120,16 @@ def test_bundle_refuses_a_foreign_folder_and_an_unverified_model(case: str, smok
     dest.mkdir()
     (dest / "ui.py").write_text("# the app's own source: must never be deleted by bundle\n")
     extra = ["--allow-unverified"] if case == "foreign folder" else []
+    model_dir = smoke_export
     if case == "unverified":
         (dest / "ui.py").unlink()
-    rc = cli.main(["bundle", "--model-dir", str(smoke_export), "--format", "onnx", "--dest", str(dest), *extra])
+        # a copy without verify results: the shared smoke export is verified by test_export whenever that ran first
+        model_dir = tmp_path / "unverified_export"
+        shutil.copytree(smoke_export, model_dir)
+        m = json.loads((model_dir / "manifest.json").read_text())
+        m.setdefault("metrics", {}).pop("verify", None)
+        (model_dir / "manifest.json").write_text(json.dumps(m))
+    rc = cli.main(["bundle", "--model-dir", str(model_dir), "--format", "onnx", "--dest", str(dest), *extra])
     err = capsys.readouterr().err
     assert rc == 2
     if case == "foreign folder":

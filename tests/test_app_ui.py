@@ -291,6 +291,10 @@ def test_a_fresh_clone_opens_the_shipped_model_and_classifies_a_pbc_photo(pbc_de
     src = manifest["metrics"]["verify_source"]
     assert f"the held-out test split, {src['images']} images" in about and "95% CI" in about
     assert "on crosslab_dev" in about
+    # the uncertainty threshold of the file in use, with what it keeps on validation (met the target: no warning)
+    rec = manifest["uncertainty"]["per_artifact"][shipped[0]]
+    assert f"at or above it: validation accuracy {100 * rec['accuracy_at_or_above']:.1f} %" in about
+    assert "under the" not in about
     assert colour_share(shot, CROP_GREEN) > 0.002, "the classified square is not drawn"
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 from cellcore.imaging import decode
 from cellcore.preprocess import Preprocessing
 from cellcore.quality import PictureChecks
-from cellcore.uncertainty import THRESHOLDS, UncertaintyRule, choose_threshold, fit_temperature, rule_for, softmax
+from cellcore.uncertainty import (THRESHOLDS, UncertaintyRule, choose_threshold, fit_temperature, rule_for, softmax,
+                                  wilson)
 
 torch = pytest.importorskip("torch")
 
@@ -186,24 +187,34 @@ def test_temperature_fit_recovers_a_known_temperature() -> None:
     assert fit_temperature(z, labels) == pytest.approx(2.0, rel=0.12)
 
 
-@pytest.mark.parametrize("target,reachable", [(0.9, True), (1.01, False)])
-def test_threshold_is_null_when_the_target_cannot_be_met(target: float, reachable: bool) -> None:
+@pytest.mark.parametrize("target,case", [(0.9, "met"), (1.01, "missed"), (0.9, "none right")])
+def test_threshold_meets_the_target_or_says_it_missed_it(target: float, case: str) -> None:
+    """The smallest threshold whose accepted validation answers reach the target; when none does, the one with
+    the highest lower 95% bound on their accuracy, marked target_met false; null only when no answer is right."""
     rng = np.random.default_rng(1)
     probs = softmax(rng.normal(0, 2, (300, 4)))
     # calibrated by construction: a prediction is right with the probability it states
     labels = np.where(rng.random(300) < probs.max(1), probs.argmax(1), (probs.argmax(1) + 1) % 4)
+    if case == "none right":
+        labels = (probs.argmax(1) + 1) % 4
     got = choose_threshold(probs, labels, target)
     json.dumps(got, allow_nan=False)  # valid JSON for any reader: null, never NaN
-    assert (got["threshold"] is not None) == reachable
-    if reachable:
-        correct = probs.argmax(1) == labels
-        keep = probs.max(1) >= got["threshold"]
-        assert correct[keep].mean() >= target and got["accepted"] == keep.sum() < len(labels)
-        lo, hi = got["accuracy_ci95"]
-        assert lo <= got["accuracy_at_or_above"] <= hi
+    assert got["target_met"] == (case == "met") and (got["threshold"] is None) == (case == "none right")
+    if case == "none right":
+        return
+    correct, top = probs.argmax(1) == labels, probs.max(1)
+    keep = top >= got["threshold"]
+    lo, hi = got["accuracy_ci95"]
+    assert got["accepted"] == keep.sum() < len(labels) and lo <= got["accuracy_at_or_above"] <= hi
+    assert got["accuracy_at_or_above"] == pytest.approx(correct[keep].mean())
+    lower = [t for t in THRESHOLDS if t < got["threshold"]]
+    if case == "met":
         # the smallest such threshold: one grid step lower misses the target (coverage is not given away)
-        lower = [t for t in THRESHOLDS if t < got["threshold"]]
-        assert lower and correct[probs.max(1) >= lower[-1]].mean() < target
+        assert correct[keep].mean() >= target and lower and correct[top >= lower[-1]].mean() < target
+    else:
+        # no other threshold's accepted answers have a higher lower bound (so not a t keeping a handful)
+        bounds = [wilson(int(correct[top >= t].sum()), int((top >= t).sum()))[0] for t in THRESHOLDS if (top >= t).any()]
+        assert lo == pytest.approx(max(bounds)) and got["accepted"] >= 30
 
 
 def test_rule_per_artifact_and_fallback() -> None:
