@@ -53,6 +53,9 @@ def test_preset_resolution_and_overrides(caplog) -> None:
     (["--augment", "mixup"], "valid: none, cells"),
     (["--mixstyle", "1.5"], "mixstyle is a probability in 0..1, got 1.5"),
     (["--mixstyle", "0.5", "--arch", "resnet50"], "mixstyle needs one of mobilevit_xxs"),
+    (["--mixup", "-0.2"], "mixup is a Beta distribution's alpha, >= 0 (0: off), got -0.2"),
+    (["--drop-path", "1.0"], "drop_path is a probability in 0..1, got 1.0"),
+    (["--drop-path", "0.1", "--arch", "resnet50"], "drop_path needs a timm network (mobilevit_xxs, mobilevit_xs"),
 ])
 def test_bad_options_list_valid_choices(argv: list[str], expected: str, pbc_sample: Path, tmp_path: Path,
                                         caplog) -> None:

@@ -43,6 +43,8 @@ class TrainConfig:
     cell_max_side: float = 1.6      # crop=cell: ... and at most this share (1.6: may reach past the photo's border)
     ema_decay: float = 0.0          # 0 disables the weight EMA
     mixstyle: float = 0.0           # share of images whose early feature statistics are mixed (train.mixstyle; 0: off)
+    mixup: float = 0.0              # >0: mixup's Beta(alpha, alpha) for blending each batch with itself shuffled (0: off)
+    drop_path: float = 0.0          # stochastic depth: the deepest block's drop rate, timm's linear rule below it (0: off)
     val_fraction: float = 0.1       # chooses best.pt and the uncertainty threshold
     test_fraction: float = 0.1      # held out for the final numbers (80/10/10); 0: the paper's 90/10
     seed: int = 0
@@ -81,6 +83,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.mixstyle <= 1.0:
             raise ValueError(f"mixstyle is a probability in 0..1, got {self.mixstyle}")
+        if self.mixup < 0:
+            raise ValueError(f"mixup is a Beta distribution's alpha, >= 0 (0: off), got {self.mixup}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path is a probability in 0..1, got {self.drop_path}")
+        if self.drop_path > 0 and ARCHS[self.arch][0] != "timm":
+            raise ValueError(f"drop_path needs a timm network ({', '.join(a for a, v in ARCHS.items() if v[0] == 'timm')}); "
+                             f"arch is {self.arch!r}")
         if self.mixstyle > 0:
             from train.mixstyle import MIXSTYLE_LAYERS
 
@@ -177,6 +186,10 @@ FIELD_HELP = {
     "cell_max_side": "with --crop cell: largest square, as a share of the photo's short side (above 1, the square "
                      "reaches past the photo's border, filled by repeating its edge pixels)",
     "ema_decay": "weight EMA decay (0: off)",
+    "mixup": "mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of itself, the weight drawn "
+             "from Beta(alpha, alpha), and so are the targets (0: off; training only)",
+    "drop_path": "stochastic depth (timm drop_path_rate): skip residual blocks at random in training, up to this rate "
+                 "in the deepest block (0: off; training only, the exported graph is the same)",
     "mixstyle": "MixStyle: share of training images whose early feature statistics (style) are mixed with another "
                 "image's (0: off; training only, nothing exported changes)", "val_fraction": "validation share per class (model selection)",
     "test_fraction": "test share per class, never trained on or selected with (0: the paper's 90/10)", "seed": "split and batches",

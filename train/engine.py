@@ -26,7 +26,7 @@ from train.models import count_params, create_model
 from train.preprocess import Preprocessing
 from train.sampler import DistributedBalancedSampler, make_sampler
 from train.step import (EpochMeter, TrainBatches, TrainStep, augment_batch, choose_precision, cuda_capability,
-                        make_optimizer, resolve_compile)
+                        make_optimizer, mixup_batch, resolve_compile)
 
 log = logging.getLogger("train")
 
@@ -198,7 +198,7 @@ def fit(cfg: TrainConfig) -> dict:
     prep = preprocessing_of(cfg)
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, len(classes), cfg.mean, cfg.std, cfg.input_norm).to(device)
+    model = create_model(cfg.arch, len(classes), cfg.mean, cfg.std, cfg.input_norm, cfg.drop_path).to(device)
     # channels_last is ~1.5x faster for MobileViT's convolutions on x86 CPUs too (measured: benchmarks/train_speed.py)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -300,7 +300,10 @@ def fit(cfg: TrainConfig) -> dict:
                     break
                 x, y, src = batches.batch(order, lo, n)  # [n, 3, S, S] float32 0..1, [n], [n, 3, kS, kS] or None
                 x = augment_batch(x, src, augment, cfg.channels_last)
-                loss, logits = train_step(x, y, where=f"epoch {epoch} step {step}")
+                target = y
+                if cfg.mixup > 0:  # soft targets [n, C]; the meter still counts the hard labels' accuracy
+                    x, target = mixup_batch(x, y, len(classes), cfg.mixup)
+                loss, logits = train_step(x, target, where=f"epoch {epoch} step {step}")
                 scheduler.step()
                 if ema is not None:
                     ema.update(model)

@@ -40,13 +40,19 @@ def check_arch(name: str) -> str:
     return name
 
 
-def create_backbone(name: str, num_classes: int) -> nn.Module:
-    """A randomly initialised network (the paper trains de novo; no weights are downloaded)."""
+def create_backbone(name: str, num_classes: int, drop_path: float = 0.0) -> nn.Module:
+    """A randomly initialised network (the paper trains de novo; no weights are downloaded).
+
+    drop_path: timm's stochastic depth rate (training only: eval and export run every block, and the weights'
+    names are the same, so a checkpoint loads with or without it).
+    """
     lib, ctor, _ = ARCHS[check_arch(name)]
     if lib == "timm":
         import timm
 
-        return timm.create_model(ctor, pretrained=False, num_classes=num_classes)
+        return timm.create_model(ctor, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path)
+    if drop_path:
+        raise ValueError(f"drop_path is implemented for the timm networks only, not {name!r}")
     import torchvision
 
     return getattr(torchvision.models, ctor)(weights=None, num_classes=num_classes)
@@ -271,8 +277,8 @@ def sharpen_soft(x: torch.Tensor, target: float = SHARPEN_TARGET, sigma: float =
 
 
 def create_model(arch: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 input_norm: str = "imagenet") -> Classifier:
-    return Classifier(create_backbone(arch, num_classes), mean, std, input_norm)
+                 input_norm: str = "imagenet", drop_path: float = 0.0) -> Classifier:
+    return Classifier(create_backbone(arch, num_classes, drop_path), mean, std, input_norm)
 
 
 def count_params(model: nn.Module) -> int:

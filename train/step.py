@@ -135,7 +135,8 @@ class TrainStep:
         return loss, logits
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, 3, S, S] float in 0..1 on the device, y: [B] int64 -> (loss, logits), both detached."""
+        """x: [B, 3, S, S] float in 0..1 on the device, y: [B] int64 (or [B, C] float class probabilities, as
+        mixup_batch makes them) -> (loss, logits), both detached."""
         kind = "compiled" if self.compiled is not None and x.shape[0] == self.static_batch else "eager"
         first = kind not in self.first_step_s
         t0 = time.perf_counter()
@@ -281,3 +282,22 @@ def augment_batch(x: torch.Tensor, src: torch.Tensor | None, augment, channels_l
     elif augment is not None:
         x = augment(x)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018): blend the batch with a shuffled copy of itself, and the one-hot targets alike.
+
+    x: [n, 3, S, S] float (the augmented model input), y: [n] int64 -> ([n, 3, S, S], [n, C] float32 summing to 1).
+    One weight per batch, lam ~ Beta(alpha, alpha), drawn on x's device from torch's generator (seeded per epoch by
+    the loop), so a GPU never waits for the host. Blends of two cells are not pictures any lab takes; what mixup
+    buys is a classifier that changes linearly between classes instead of jumping, i.e. less confident far from
+    the training pictures, which is what another lab's cells are.
+    """
+    a = torch.tensor(float(alpha), device=x.device)
+    lam = torch.distributions.Beta(a, a).sample()  # [] float32
+    perm = torch.randperm(x.shape[0], device=x.device)
+    onehot = F.one_hot(y, num_classes).to(torch.float32)  # [n, C]
+    mixed = lam * x + (1 - lam) * x[perm]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        mixed = mixed.contiguous(memory_format=torch.channels_last)
+    return mixed, lam * onehot + (1 - lam) * onehot[perm]

@@ -8,13 +8,25 @@
 # (12 runs at once, evaluated with the 8-view TTA, per-class recall); round 4: the crosslab preset against 48 px,
 # 48 px with the paper's larger mobilevit_xs (about 2x the compute of xxs at 64 px: inside the cpu budget) and
 # 48 px for 120 epochs, three seeds each; round 5 (what is left of a 15-minute loan): mobilevit_s at 48 px and
-# mobilevit_xs at 40 px, two seeds each, 4 runs at once. Tables: runs/gpu/tune_gpu*.md.
+# mobilevit_xs at 40 px, two seeds each, 4 runs at once; round 6: the crosslab preset (mobilevit_xs, 48 px) against
+# two training-only regularisers, mixup (alpha 0.2) and stochastic depth (0.1), four seeds each, 12 runs at once.
+# Tables: runs/gpu/tune_gpu*.md.
 # EXTRA is appended to every candidate's flags (a dry run on CPU: EXTRA="--device cpu --epochs 1
 # --max-steps-per-epoch 2"); PARALLEL overrides rounds 3 and 4's 12.
 set -euo pipefail
 DATA=${1:?training folder}; EVAL=${2:?other lab folder}; ROUND=${3:-1}; EXTRA=${EXTRA:-}
 C="--device cuda --workers 2 --plots false --threads 1"
-if [[ $ROUND == 5 ]]; then
+if [[ $ROUND == 6 ]]; then
+  args=()
+  for s in 0 1 2 3; do
+    R="--compile off --seed $s $EXTRA"
+    args+=(--candidate "base_s$s:$C $R"
+           --candidate "mixup_s$s:--mixup 0.2 $C $R"
+           --candidate "droppath_s$s:--drop-path 0.1 $C $R")
+  done
+  python3 -m benchmarks.tune_cpu_preset --data "$DATA" --eval-data "$EVAL" --out runs/gpu --name tune_gpu6 \
+    --base-preset crosslab --tta dihedral8 --parallel "${PARALLEL:-12}" "${args[@]}"
+elif [[ $ROUND == 5 ]]; then
   args=()
   for s in 0 1; do
     R="--compile off --seed $s $EXTRA"
