@@ -301,7 +301,9 @@ def fit(cfg: TrainConfig) -> dict:
                 x, y, src = batches.batch(order, lo, n)  # [n, 3, S, S] float32 0..1, [n], [n, 3, kS, kS] or None
                 x = augment_batch(x, src, augment, cfg.channels_last)
                 target = y
-                if cfg.mixup > 0:  # soft targets [n, C]; the meter still counts the hard labels' accuracy
+                # soft targets [n, C]; the meter still counts agreement with each picture's own label, so with mixup
+                # the training accuracy reads lower than the model is (half the blends are mostly the other cell)
+                if cfg.mixup > 0:
                     x, target = mixup_batch(x, y, len(classes), cfg.mixup)
                 loss, logits = train_step(x, target, where=f"epoch {epoch} step {step}")
                 scheduler.step()
