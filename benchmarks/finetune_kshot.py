@@ -48,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "classifier layer this many epochs (LP-FT; default 0: off)")
     p.add_argument("--image-size", type=int, default=0, help="passed to train.finetune: fine-tune (and export) at "
                    "exactly this input size (default 0: train.finetune's choice, the parent's but at least 96 px)")
+    p.add_argument("--mixup", type=float, default=0.0, help="passed to train.finetune: mixup's Beta alpha while the "
+                   "whole network trains (default 0: off)")
     p.add_argument("--panel", default="", help="also report the held-out accuracy on this panel (train.finetune "
                    "--panel: wbc5, wbc6 or a class list)")
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose complete results already exist")
@@ -74,20 +76,20 @@ def cpu_info() -> dict:
 
 
 def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None, tta: str = "none",
-                 panel: str = "", head_epochs: int = 0, image_size: int = 0) -> dict:
+                 panel: str = "", head_epochs: int = 0, image_size: int = 0, mixup: float = 0.0) -> dict:
     """What a finished run must have been made with for it to be reused."""
     from train.finetune import FinetuneConfig
 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
             "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta,
             **({"panel": panel} if panel else {}), "head_epochs": head_epochs, "image_size": image_size,
-            "min_image_size": FinetuneConfig().min_image_size,
+            "mixup": mixup, "min_image_size": FinetuneConfig().min_image_size,
             "upsize_min_per_class": FinetuneConfig().upsize_min_per_class}
 
 
 # settings a run made before the option existed was made with (its config.yaml does not name them): before
 # upsize_min_per_class, min_image_size applied whatever the number of shots
-_BEFORE_THE_OPTION = {"head_epochs": 0, "image_size": 0, "min_image_size": 0, "upsize_min_per_class": 0}
+_BEFORE_THE_OPTION = {"head_epochs": 0, "image_size": 0, "min_image_size": 0, "upsize_min_per_class": 0, "mixup": 0.0}
 
 
 def completed(run_dir: Path, settings: dict) -> dict | None:
@@ -107,9 +109,9 @@ def completed(run_dir: Path, settings: dict) -> dict | None:
 
 def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int, epochs: int | None = None,
                  threads: int = 0, force: bool = False, tta: str = "none", panel: str = "",
-                 head_epochs: int = 0, image_size: int = 0) -> dict:
+                 head_epochs: int = 0, image_size: int = 0, mixup: float = 0.0) -> dict:
     """One fine-tune in a child process; its finetune.json plus the process's own wall seconds."""
-    settings = run_settings(from_run, data, shots, seed, epochs, tta, panel, head_epochs, image_size)
+    settings = run_settings(from_run, data, shots, seed, epochs, tta, panel, head_epochs, image_size, mixup)
     if not force and (done := completed(run_dir, settings)) is not None:
         log.info("k=%d seed=%d: reusing the complete run in %s", shots, seed, run_dir)
         return {**done, "reused": True}
@@ -130,6 +132,8 @@ def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int,
         cmd += ["--head-epochs", str(head_epochs)]
     if image_size:
         cmd += ["--image-size", str(image_size)]
+    if mixup:
+        cmd += ["--mixup", str(mixup)]
     log.info("k=%d seed=%d: %s", shots, seed, " ".join(cmd))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -182,7 +186,8 @@ def format_markdown(result: dict) -> str:
              f"`{result['command']}`", "",
              f"K random images per class to train on (all of a class with K or fewer), the rest held out; "
              + (f"first {result['head_epochs']} epochs of the classifier layer alone, then " if result.get("head_epochs") else "")
-             + f"{result['epochs']} epochs, final epoch kept"
+             + f"{result['epochs']} epochs" + (f" with mixup (alpha {result['mixup']})" if result.get("mixup") else "")
+             + ", final epoch kept"
              + (f", at {result['image_size']} px" if result.get("image_size") else
                 f", at the parent's input size but at least {result['min_image_size']} px"
                 + (f" once the median class has {result['upsize_min_per_class']} training images"
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.draws):
                 runs.append(run_finetune(args.from_run, args.data, out / f"finetune_k{k}_s{seed}", k, seed,
                                          args.epochs, args.threads, args.force, args.tta, args.panel,
-                                         args.head_epochs, args.image_size))
+                                         args.head_epochs, args.image_size, args.mixup))
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
               "tta": args.tta, "panel": args.panel or None, "head_epochs": args.head_epochs,
-              "image_size": args.image_size or None, "min_image_size": FinetuneConfig().min_image_size,
+              "mixup": args.mixup, "image_size": args.image_size or None, "min_image_size": FinetuneConfig().min_image_size,
               "upsize_min_per_class": FinetuneConfig().upsize_min_per_class, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))

@@ -299,3 +299,25 @@ def test_finetune_input_size_is_the_parents_but_at_least_96_px_with_enough_cells
     assert size == want and (expected == "parent") == (size == parent)
     result = json.loads((run / "finetune.json").read_text())
     assert result["image_size"] == size and result["median_train_images_per_class"] == 2
+
+
+def test_mixup_in_finetuning_trains_on_blends_and_is_recorded(smoke_run: Path, new_lab: Path, tmp_path: Path,
+                                                             caplog) -> None:
+    """--mixup: the same shots and seed give another model (the blends are what it fits), the run records the
+    setting, the kshot benchmark reuses only a run made with it, and a negative alpha exits 2 before training."""
+    from benchmarks.finetune_kshot import completed, run_settings
+
+    runs = {}
+    for alpha in (0.0, 0.4):
+        run_dir = runs[alpha] = tmp_path / f"mix{alpha}"
+        assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(run_dir), "--shots", "2",
+                     "--epochs", "2", "--mixup", str(alpha)]) == 0
+    plain, mixed = (load_checkpoint(runs[a] / "best.pt") for a in (0.0, 0.4))
+    assert mixed["finetune"]["mixup"] == 0.4 and plain["finetune"]["mixup"] == 0.0
+    assert not torch.equal(plain["model"]["backbone.head.fc.weight"], mixed["model"]["backbone.head.fc.weight"])
+    kw = dict(from_run=str(smoke_run), data=str(new_lab), shots=2, seed=0, epochs=2)
+    assert completed(runs[0.4], run_settings(**kw, mixup=0.4)) is not None
+    assert completed(runs[0.4], run_settings(**kw)) is None
+    assert main(["--from", str(smoke_run), "--data", str(new_lab), "--run-dir", str(tmp_path / "bad"),
+                 "--mixup", "-1"]) == 2
+    assert "--mixup -1" in caplog.text and not (tmp_path / "bad").exists()

@@ -60,6 +60,9 @@ class FinetuneConfig:
     # (Kumar et al. 2022), so the whole network is not first pulled by a head that fits PBC's classes
     head_epochs: int = 0
     head_lr: float = 1e-2       # the classifier layer alone: a linear model, so a larger rate
+    # >0: mixup's Beta(alpha, alpha) (train.step.mixup_batch) in the whole-network phase: with a few dozen cells,
+    # blends of them are more pictures to fit than the shots alone
+    mixup: float = 0.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -92,6 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, default=d.head_epochs, help="first train only the classifier layer "
                    f"this many epochs, then the whole network --epochs (LP-FT; default {d.head_epochs}: off)")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help=f"learning rate of that phase (default {d.head_lr})")
+    p.add_argument("--mixup", type=float, default=d.mixup, help="mixup's Beta alpha while the whole network trains "
+                   f"(default {d.mixup}: off)")
     p.add_argument("--panel", default=d.panel, help="also report the held-out accuracy on this panel, as the app "
                    "answers when a lab picks it (wbc5, wbc6 or a class list; default: none)")
     return p
@@ -195,6 +200,8 @@ def train_steps(model, x_all, y_all, src_all, w, augment, smoothing: float, cfg:
     import torch
     import torch.nn.functional as F
 
+    from train.step import mixup_batch
+
     epochs, lr = (cfg.head_epochs, cfg.head_lr) if head_only else (cfg.epochs, cfg.lr)
     steps_per_epoch = max(1, math.ceil(len(y_all) / cfg.batch_size))
     total = steps_per_epoch * epochs
@@ -221,8 +228,10 @@ def train_steps(model, x_all, y_all, src_all, w, augment, smoothing: float, cfg:
                 x = augment(x, src_all[b].float().div_(255), generator=gen)
             elif augment is not None:
                 x = augment(x, generator=gen)
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y_all[b],
-                                   label_smoothing=smoothing)
+            x, target = x.contiguous(memory_format=torch.channels_last), y_all[b]
+            if cfg.mixup > 0 and not head_only:  # [B, C] soft targets; drawn from the seeded global generator
+                x, target = mixup_batch(x, target, model.backbone.get_classifier().out_features, cfg.mixup)
+            loss = F.cross_entropy(model(x), target, label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -246,6 +255,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from train.models import check_tta
 
     t_start = time.time()
+    if cfg.mixup < 0:
+        raise ValueError(f"--mixup {cfg.mixup}: a Beta distribution's alpha, >= 0 (0: off)")
     if cfg.head_epochs < 0 or cfg.head_lr <= 0:
         raise ValueError(f"--head-epochs {cfg.head_epochs} / --head-lr {cfg.head_lr}: need epochs >= 0 and a rate > 0")
     run_dir = Path(cfg.run_dir)
