@@ -48,8 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "classifier layer this many epochs (LP-FT; default 0: off)")
     p.add_argument("--image-size", type=int, default=0, help="passed to train.finetune: fine-tune (and export) at "
                    "exactly this input size (default 0: train.finetune's choice, the parent's but at least 96 px)")
-    p.add_argument("--mixup", type=float, default=0.0, help="passed to train.finetune: mixup's Beta alpha while the "
-                   "whole network trains (default 0: off)")
+    p.add_argument("--mixup", type=float, default=None, help="passed to train.finetune: mixup's Beta alpha while the "
+                   "whole network trains (default: train.finetune's own; 0: off)")
     p.add_argument("--panel", default="", help="also report the held-out accuracy on this panel (train.finetune "
                    "--panel: wbc5, wbc6 or a class list)")
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose complete results already exist")
@@ -76,14 +76,14 @@ def cpu_info() -> dict:
 
 
 def run_settings(from_run: str, data: str, shots: int, seed: int, epochs: int | None, tta: str = "none",
-                 panel: str = "", head_epochs: int = 0, image_size: int = 0, mixup: float = 0.0) -> dict:
+                 panel: str = "", head_epochs: int = 0, image_size: int = 0, mixup: float | None = None) -> dict:
     """What a finished run must have been made with for it to be reused."""
     from train.finetune import FinetuneConfig
 
     return {"from_run": str(from_run), "data": str(data), "shots": shots, "seed": seed,
             "epochs": epochs if epochs is not None else FinetuneConfig().epochs, "tta": tta,
             **({"panel": panel} if panel else {}), "head_epochs": head_epochs, "image_size": image_size,
-            "mixup": mixup, "min_image_size": FinetuneConfig().min_image_size,
+            "mixup": mixup if mixup is not None else FinetuneConfig().mixup, "min_image_size": FinetuneConfig().min_image_size,
             "upsize_min_per_class": FinetuneConfig().upsize_min_per_class}
 
 
@@ -109,7 +109,7 @@ def completed(run_dir: Path, settings: dict) -> dict | None:
 
 def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int, epochs: int | None = None,
                  threads: int = 0, force: bool = False, tta: str = "none", panel: str = "",
-                 head_epochs: int = 0, image_size: int = 0, mixup: float = 0.0) -> dict:
+                 head_epochs: int = 0, image_size: int = 0, mixup: float | None = None) -> dict:
     """One fine-tune in a child process; its finetune.json plus the process's own wall seconds."""
     settings = run_settings(from_run, data, shots, seed, epochs, tta, panel, head_epochs, image_size, mixup)
     if not force and (done := completed(run_dir, settings)) is not None:
@@ -132,7 +132,7 @@ def run_finetune(from_run: str, data: str, run_dir: Path, shots: int, seed: int,
         cmd += ["--head-epochs", str(head_epochs)]
     if image_size:
         cmd += ["--image-size", str(image_size)]
-    if mixup:
+    if mixup is not None:
         cmd += ["--mixup", str(mixup)]
     log.info("k=%d seed=%d: %s", shots, seed, " ".join(cmd))
     t0 = time.perf_counter()
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               "from": str(args.from_run), "data": str(args.data), "shots": args.shots, "draws": args.draws,
               "epochs": args.epochs if args.epochs is not None else FinetuneConfig().epochs, "threads": args.threads,
               "tta": args.tta, "panel": args.panel or None, "head_epochs": args.head_epochs,
-              "mixup": args.mixup, "image_size": args.image_size or None, "min_image_size": FinetuneConfig().min_image_size,
+              "mixup": args.mixup if args.mixup is not None else FinetuneConfig().mixup, "image_size": args.image_size or None, "min_image_size": FinetuneConfig().min_image_size,
               "upsize_min_per_class": FinetuneConfig().upsize_min_per_class, "machine": cpu_info(), "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "summary": summarise(runs), "runs": runs}
     atomic_write_text(out / "finetune_kshot.json", json.dumps(result, indent=1))

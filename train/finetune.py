@@ -61,8 +61,10 @@ class FinetuneConfig:
     head_epochs: int = 0
     head_lr: float = 1e-2       # the classifier layer alone: a linear model, so a larger rate
     # >0: mixup's Beta(alpha, alpha) (train.step.mixup_batch) in the whole-network phase: with a few dozen cells,
-    # blends of them are more pictures to fit than the shots alone
-    mixup: float = 0.0
+    # blends of them are more pictures to fit than the shots alone, and fewer of a draw's quirks to memorise. On
+    # crosslab_dev (session 16, README "Adapting to a new lab"), 50 paired draws: K = 10 from the three 48 px crosslab
+    # runs +0.9, +1.2, +0.1 points, K = 5 +1.0, K = 20 +0.5 (30 up, 4 level, 16 down); 0: off
+    mixup: float = 0.2
 
 
 def get_args_parser() -> argparse.ArgumentParser:
