@@ -117,3 +117,40 @@ def test_rule_for_applies_the_panel_to_every_file_of_a_manifest() -> None:
         rule = rule_for(manifest, entry["file"], "wbc6")
         assert rule.panel == resolve_panel("wbc6", manifest["classes"]) and rule.threshold is not None
         assert rule_for(manifest, entry["file"]).panel is None
+
+
+
+def _logits_file(run: Path, logits: list[list[float]], paths: list[str]) -> Path:
+    """A train.evaluate --save-logits file for run/eval/test.npz; every picture is a lymphocyte."""
+    path = run / "eval" / "test.npz"
+    path.parent.mkdir(parents=True)
+    np.savez(path, logits=np.asarray(logits, np.float32), labels=np.full(len(logits), PBC.index("lymphocyte")),
+             classes=np.asarray(PBC), paths=np.asarray(paths))
+    return path
+
+
+def _row(**logit: float) -> list[float]:
+    return [logit.get(c, 0.0) for c in PBC]
+
+
+def test_panel_logits_scores_runs_and_their_ensemble_and_refuses_other_pictures(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from benchmarks import panel_logits
+
+    pics = ["a.jpg", "b.jpg", "c.jpg"]
+    # run a is wrong on the third picture, run b on the second, each by less than the other is right by:
+    # the mean of their logits gets all three right
+    a = _logits_file(tmp_path / "run_a", [_row(lymphocyte=3), _row(lymphocyte=3), _row(erythroblast=1, lymphocyte=0.5)], pics)
+    b = _logits_file(tmp_path / "run_b", [_row(lymphocyte=2), _row(erythroblast=1, lymphocyte=0.8), _row(lymphocyte=2)], pics)
+    out = tmp_path / "table"
+    assert panel_logits.main([str(a), str(b), "--ensemble", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert rows["run_a"]["accuracy"] == pytest.approx(2 / 3) and rows["run_b"]["accuracy"] == pytest.approx(2 / 3)
+    assert rows["mean of run_a + run_b"]["accuracy"] == 1.0
+    assert rows["run_a"]["accuracy_panel"] == 1.0  # erythroblast is off the wbc5 panel: the panel answer is right
+    assert "| mean of run_a + run_b | 3 | 100.0% |" in out.with_suffix(".md").read_text()
+
+    # a run with another seed has another split: its pictures differ, and averaging is refused, naming the file
+    c = _logits_file(tmp_path / "run_c", [_row(lymphocyte=1)] * 3, ["a.jpg", "b.jpg", "x.jpg"])
+    assert panel_logits.main([str(a), str(c), "--ensemble"]) == 2
+    assert "run_c/eval/test.npz" in caplog.text and "cannot be averaged" in caplog.text
