@@ -209,7 +209,7 @@ class ScriptRunner:
         return True
 
     def _slide(self, value: float) -> bool:
-        from mobile_app.ui import SideSlider
+        from mobile_app.widgets import SideSlider
 
         slider = next((w for w in self._widgets() if isinstance(w, SideSlider) and not w.disabled), None)
         if slider is None or slider.max <= slider.min:
